@@ -1,0 +1,66 @@
+"""The search-backend interface and its two failure classes.
+
+Every backend (PubMed, ClinicalTrials.gov, BM25, dense, SQL) is a `SearchBackend`:
+explicit `open()`/`close()` and `async search(query, **opts)` returning a ranked list of
+unique ids (result rows for SQL). Two exception types decide who is to blame for a failure:
+
+- `QueryRejected`: the policy's fault (empty or oversize query, SQL that does not compile).
+  The reward function scores it with the task's answer penalty.
+- `BackendError`: infrastructure (timeout, HTTP 5xx/429, dropped connection, malformed
+  response). The sample is marked invalid and left out of the loss; never a penalty.
+  `retryable` and `retry_after` (seconds, from a Retry-After header) guide the reward pool.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Mapping
+
+
+class QueryRejected(ValueError):
+    """The query itself is unusable; the policy is to blame."""
+
+
+class BackendError(RuntimeError):
+    """The search service failed; the sample is invalid, not wrong."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool = True,
+        retry_after: float | None = None,
+        status: int | None = None,
+    ):
+        super().__init__(message)
+        self.retryable = retryable
+        self.retry_after = retry_after
+        self.status = status
+
+
+class SearchBackend(abc.ABC):
+    """A search engine or retriever with an async, ranked-ids interface."""
+
+    #: Short stable name; part of cache keys and metrics.
+    name: str = "backend"
+
+    async def open(self) -> None:
+        """Acquires resources (HTTP session, index, database). Idempotent."""
+
+    async def close(self) -> None:
+        """Releases resources. Idempotent."""
+
+    @abc.abstractmethod
+    async def search(self, query: str, **opts: Any) -> list:
+        """Returns the ranked, de-duplicated ids for `query` (rows for SQL)."""
+
+    def cache_params(self, **opts: Any) -> Mapping[str, Any]:
+        """Everything besides the query that changes the result; part of the cache key."""
+        return dict(sorted(opts.items()))
+
+    async def __aenter__(self):
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
