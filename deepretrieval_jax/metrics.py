@@ -1,0 +1,222 @@
+"""Training metrics: a JSONL log, TensorBoard event files, a console progress bar and a PNG.
+
+One `MetricsWriter` per run. Only the writing process (JAX process 0 by default) touches the
+filesystem; on every other process each method is a no-op, so callers need no `if` around it.
+
+Files under `workdir`:
+    metrics.jsonl     one JSON object per `write` call: {"step": int, "time": float, **scalars};
+                      non-finite scalars are stored as null (JSON has no NaN)
+    tb/               TensorBoard event files (tensorboardX, no TensorFlow needed)
+    reward_curve.png  reward vs step, rewritten by `close()` and by the CLI:
+                          python -m deepretrieval_jax.metrics plot --workdir W
+
+A run resumed from step s opens the writer with `start_step=s`: records of steps > s (written
+after the checkpoint the run resumes from) are dropped, so the log reads like one straight run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+JSONL_NAME = "metrics.jsonl"
+PLOT_NAME = "reward_curve.png"
+# Keys the progress bar shows when present, in this order.
+PROGRESS_KEYS = ("reward/mean", "val/reward/mean", "kl/mean", "time/step_s")
+# Keys the reward plot draws when present (train reward, validation reward, per-task means).
+PLOT_KEYS = ("reward/mean", "val/reward/mean")
+
+
+def _process_index() -> int:
+    import jax  # Lazy: the plotting CLI must not pay for JAX start-up.
+
+    return jax.process_index()
+
+
+def _scalar(value) -> float | None:
+    """A JSON-safe float: arrays of size one and numpy scalars become float, NaN/inf -> None."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+class MetricsWriter:
+    """Writes scalar metrics to JSONL + TensorBoard and drives a tqdm bar (process 0 only).
+
+    Args:
+      workdir: run directory (created if missing).
+      total_steps: length of the progress bar (None: open-ended).
+      start_step: the step the run starts (or resumes) from; later records already in the
+        JSONL are dropped.
+      enabled: write anything at all; default: `jax.process_index() == 0`.
+      tensorboard: also write TensorBoard event files.
+      progress: show a tqdm progress bar on the console.
+    """
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        total_steps: int | None = None,
+        start_step: int = 0,
+        enabled: bool | None = None,
+        tensorboard: bool = True,
+        progress: bool = True,
+    ):
+        self.workdir = Path(workdir)
+        self.enabled = (_process_index() == 0) if enabled is None else bool(enabled)
+        self._jsonl = None
+        self._tb = None
+        self._bar = None
+        if not self.enabled:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        path = self.workdir / JSONL_NAME
+        if path.exists():
+            kept = [r for r in read_jsonl(path) if r.get("step", 0) <= start_step]
+            with open(path, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+        self._jsonl = open(path, "a", encoding="utf-8")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(logdir=str(self.workdir / "tb"), purge_step=start_step + 1)
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def write(self, step: int, scalars: Mapping[str, float], advance: bool = True) -> None:
+        """Logs one record; `advance` moves the progress bar to `step`."""
+        if not self.enabled:
+            return
+        record = {"step": int(step), "time": time.time()}
+        record.update({k: _scalar(v) for k, v in sorted(scalars.items())})
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key not in ("step", "time") and value is not None:
+                    self._tb.add_scalar(key, value, int(step))
+        if self._bar is not None and advance:
+            self._bar.update(max(0, int(step) - self._bar.n))
+            shown = {k: f"{record[k]:.4g}" for k in PROGRESS_KEYS if record.get(k) is not None}
+            self._bar.set_postfix(shown, refresh=True)
+
+    def write_texts(self, step: int, name: str, texts: Sequence[str]) -> None:
+        """Logs sample completions (TensorBoard text and a `samples.jsonl` line)."""
+        if not self.enabled:
+            return
+        with open(self.workdir / "samples.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": int(step), "name": name, "texts": list(texts)}) + "\n")
+        if self._tb is not None:
+            self._tb.add_text(name, "\n\n---\n\n".join(texts), int(step))
+
+    def log(self, message: str) -> None:
+        """A console line that does not break the progress bar."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def plot(self) -> Path | None:
+        """Writes `reward_curve.png` from the JSONL; returns its path (None if nothing to plot)."""
+        if not self.enabled:
+            return None
+        if self._jsonl is not None:
+            self._jsonl.flush()
+        return plot_rewards(self.workdir)
+
+    def close(self) -> None:
+        """Flushes everything and writes the reward plot."""
+        if not self.enabled:
+            return
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        plot_rewards(self.workdir)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """All records of a metrics JSONL; a torn last line (killed writer) is skipped."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def series(records: Iterable[Mapping], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one key, the last record winning when a step repeats."""
+    by_step = {}
+    for r in records:
+        if r.get(key) is not None:
+            by_step[int(r["step"])] = float(r[key])
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
+def plot_rewards(workdir: str | os.PathLike, keys: Sequence[str] | None = None) -> Path | None:
+    """Draws reward curves (train, validation, per-task) from `workdir/metrics.jsonl`."""
+    workdir = Path(workdir)
+    path = workdir / JSONL_NAME
+    if not path.exists():
+        return None
+    records = read_jsonl(path)
+    if keys is None:
+        names = sorted({k for r in records for k in r})
+        per_task = [k for k in names if k.startswith("reward/task/") and k.endswith("/mean")]
+        keys = [k for k in PLOT_KEYS if k in names] + per_task
+    curves = [(k, *series(records, k)) for k in keys]
+    curves = [c for c in curves if c[1]]
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for key, steps, values in curves:
+        ax.plot(steps, values, marker="o" if len(steps) < 30 else None, ms=3, label=key)
+    ax.set_xlabel("PPO step")
+    ax.set_ylabel("reward")
+    ax.set_title(f"Reward: {workdir.name}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    out = workdir / PLOT_NAME
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m deepretrieval_jax.metrics")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plot", help="write WORKDIR/reward_curve.png from WORKDIR/metrics.jsonl")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--keys", nargs="*", default=None, help="metric keys to draw")
+    args = parser.parse_args(argv)
+    out = plot_rewards(args.workdir, args.keys)
+    if out is None:
+        raise SystemExit(f"No reward metrics to plot in {Path(args.workdir) / JSONL_NAME}")
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
