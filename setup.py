@@ -38,6 +38,7 @@ EXTRAS = {
         "pytest>=8",
         "pytest-xdist>=3.6",
         "hypothesis>=6.100",
+        "tiktoken>=0.7",  # independent reference for the offline Qwen2.5 tokenizer
         "ruff>=0.6",
     ],
     # Dense retrieval backend (sentence-transformers encoders, optional FAISS index).
