@@ -14,7 +14,8 @@ unique ids (result rows for SQL). Two exception types decide who is to blame for
 from __future__ import annotations
 
 import abc
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 
 class QueryRejected(ValueError):
@@ -38,16 +39,30 @@ class BackendError(RuntimeError):
         self.status = status
 
 
+def check_query(query: Any, max_chars: int) -> str:
+    """Returns `query` if it is a usable query string, else raises `QueryRejected`.
+
+    Shared by every backend so that "empty" and "too long" mean the same thing everywhere.
+    """
+    if not isinstance(query, str):
+        raise QueryRejected(f"query must be a string, got {type(query).__name__}")
+    if not query.strip():
+        raise QueryRejected("query is empty or whitespace")
+    if len(query) > max_chars:
+        raise QueryRejected(f"query has {len(query)} characters; the limit is {max_chars}")
+    return query
+
+
 class SearchBackend(abc.ABC):
     """A search engine or retriever with an async, ranked-ids interface."""
 
     #: Short stable name; part of cache keys and metrics.
     name: str = "backend"
 
-    async def open(self) -> None:
+    async def open(self) -> None:  # noqa: B027 (optional hook)
         """Acquires resources (HTTP session, index, database). Idempotent."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 (optional hook)
         """Releases resources. Idempotent."""
 
     @abc.abstractmethod
