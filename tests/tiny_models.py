@@ -1,0 +1,117 @@
+"""Shared test helpers: tiny random transformers models (torch, fp32) and left-padded batches.
+
+`save_tiny_hf_model(path, family=..., tie=..., max_shard_size=...)` builds a 2-layer Qwen2 or
+Llama model whose every weight (biases and norm scales included) is random, saves it with
+`save_pretrained` and returns the torch model, so tests can compare against the real thing.
+`random_params` gives Flax params with weights large enough that logits are far from uniform.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from deepretrieval_jax.models import ModelConfig
+
+TINY_HF_DIMS = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+)
+
+
+def tiny_hf_config(family: str = "qwen2", tie: bool = True):
+    """A transformers Qwen2Config / LlamaConfig with TINY_HF_DIMS."""
+    import transformers
+
+    if family == "qwen2":
+        return transformers.Qwen2Config(
+            **TINY_HF_DIMS, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=tie
+        )
+    if family == "llama":
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
+        return transformers.LlamaConfig(
+            **TINY_HF_DIMS, rope_parameters=rope, rms_norm_eps=1e-5, tie_word_embeddings=tie
+        )
+    raise ValueError(f"unknown family {family!r}")
+
+
+def make_tiny_hf_model(family: str = "qwen2", tie: bool = True, seed: int = 0):
+    """A tiny transformers causal LM in eval mode with every weight random (std 0.1-0.3)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(
+        tiny_hf_config(family, tie), dtype=torch.float32
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.3 * torch.randn_like(p))
+            else:
+                p.copy_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def save_tiny_hf_model(path, family="qwen2", tie=True, max_shard_size=None, seed=0):
+    """Build and `save_pretrained` a tiny model into `path`; returns the torch model."""
+    model = make_tiny_hf_model(family, tie, seed)
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(str(path), **kwargs)
+    return model
+
+
+def left_padded_batch(pad_lengths, seq_len, vocab_size, seed=0):
+    """tokens, positions, mask [B, T] (int32) for rows left-padded by `pad_lengths` tokens."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, vocab_size, size=(len(pad_lengths), seq_len)).astype(np.int32)
+    mask = (np.arange(seq_len)[None, :] >= np.asarray(pad_lengths)[:, None]).astype(np.int32)
+    tokens = tokens * mask  # pad id 0
+    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int32)
+    return tokens, positions, mask
+
+
+def torch_logits(model, tokens, positions, mask) -> np.ndarray:
+    """Reference logits from a transformers model on a left-padded batch."""
+    import torch
+
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.as_tensor(tokens, dtype=torch.long),
+            attention_mask=torch.as_tensor(mask, dtype=torch.long),
+            position_ids=torch.as_tensor(positions, dtype=torch.long),
+        )
+    return out.logits.float().numpy()
+
+
+def random_params(model: nn.Module, config: ModelConfig, seed: int = 0, scale: float = 0.1):
+    """Unboxed params of `model` with every leaf random: norms near 1, weights N(0, scale)."""
+    dummy = jnp.zeros((1, 1), jnp.int32)
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), dummy, dummy, dummy)["params"])
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+    new = []
+    for (path, leaf), key in zip(leaves, keys, strict=True):
+        noise = jax.random.normal(key, leaf.shape, jnp.float32)
+        if "scale" in jax.tree_util.keystr(path):
+            new.append((1.0 + 0.2 * noise).astype(leaf.dtype))
+        else:
+            new.append((scale * noise).astype(leaf.dtype))
+    return jax.tree_util.tree_unflatten(treedef, new)
