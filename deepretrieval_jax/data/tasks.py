@@ -57,11 +57,11 @@ class TaskSpec:
     input_format: str  # "text" | "pico" | "sql": how `Example.input` is rendered
     assistant_prefix: str  # "<think>\n" (reasoning), "<answer>\n" or "" (no reasoning)
     answer_key: str  # JSON key of the answer: "query" or "sql"
-    backend: str  # search backend name: "pubmed", "ctgov", "bm25", "dense", "sqlite"
+    backend: str  # search backend name: "pubmed", "ctgov", "bm25", "dense", "sql"
     backend_opts: Mapping[str, Any]  # e.g. {"k1": 1.2, "b": 0.75, "top_k": 1000}
     corpus: str  # local corpus / database collection name; "" for web engines
-    reward_task: str  # key of the reward registry
-    reward_opts: Mapping[str, Any]  # task-specific reward options (NDCG k, miss penalty, ...)
+    reward_task: str  # key of `rewards.tasks.REGISTRY` (its defaults hold the original ladders)
+    reward_opts: Mapping[str, Any]  # overrides for `rewards.tasks.make_task` ({"reasoning": False})
     eval_metrics: tuple[str, ...]  # e.g. ("ndcg@10", "recall@100")
     truncate_field: str = ""  # input field cut by the "truncate" length policy ("" = whole text)
 
@@ -118,9 +118,14 @@ _SQL_METRICS = ("execution_accuracy",)
 
 
 def _variants(base: dict, no_reason: dict) -> None:
-    """Registers the reasoning task `base` and its no-reasoning twin (base updated by no_reason)."""
+    """Registers the reasoning task `base` and its no-reasoning twin (base updated by no_reason).
+
+    The no-reasoning twin scores with the same reward task, told to check only <answer> tags.
+    """
     register_task(TaskSpec(**base))
-    register_task(TaskSpec(**{**base, **no_reason, "name": base["name"] + "_no_reason"}))
+    reward_opts = {**base["reward_opts"], "reasoning": False}
+    name = base["name"] + "_no_reason"
+    register_task(TaskSpec(**{**base, **no_reason, "name": name, "reward_opts": reward_opts}))
 
 
 def _define_search_engines() -> None:
@@ -145,8 +150,8 @@ def _define_search_engines() -> None:
                 backend=backend,
                 backend_opts=opts,
                 corpus="",
-                reward_task="search_engine",
-                reward_opts={"recall_k": 3000},
+                reward_task=dataset,
+                reward_opts={},
                 eval_metrics=_SEARCH_ENGINE_METRICS,
             ),
             dict(
@@ -161,7 +166,7 @@ def _define_search_engines() -> None:
 
 
 def _define_evidence() -> None:
-    for dataset, miss_penalty in (("nq", -3.5), ("triviaqa", -3.5), ("squad", -2.5)):
+    for dataset in ("nq", "triviaqa", "squad"):
         _variants(
             dict(
                 name=dataset,
@@ -179,8 +184,8 @@ def _define_evidence() -> None:
                 backend="bm25",
                 backend_opts={"k1": 0.9, "b": 0.4, "top_k": 3000},
                 corpus="wikipedia_dpr",
-                reward_task="evidence",
-                reward_opts={"miss_penalty": miss_penalty},
+                reward_task=dataset,
+                reward_opts={},
                 eval_metrics=_EVIDENCE_METRICS,
             ),
             dict(
@@ -206,7 +211,19 @@ DENSE_ENCODER = "BAAI/bge-base-en-v1.5"
 CONTRIEVER = "facebook/contriever"
 
 
-def _retrieval_task(name, family, dataset, instruction, header, note, backend, opts, ndcg_k):
+def _retrieval_task(
+    name,
+    family,
+    dataset,
+    instruction,
+    header,
+    note,
+    backend,
+    opts,
+    ndcg_k,
+    reward_task,
+    reward_opts,
+):
     _variants(
         dict(
             name=name,
@@ -224,8 +241,8 @@ def _retrieval_task(name, family, dataset, instruction, header, note, backend, o
             backend=backend,
             backend_opts={**opts, "top_k": max(ndcg_k, 100)},
             corpus=dataset,
-            reward_task="beir",
-            reward_opts={"ndcg_k": ndcg_k},
+            reward_task=reward_task,
+            reward_opts=reward_opts,
             eval_metrics=_BEIR_METRICS,
         ),
         dict(
@@ -241,12 +258,32 @@ def _define_retrieval() -> None:
     for dataset, (instruction, header, (k1, b), k_sparse, k_dense) in _BEIR.items():
         bm25 = {"k1": k1, "b": b}
         _retrieval_task(
-            dataset, "beir", dataset, instruction, header, P.NOTE_BOOLEAN, "bm25", bm25, k_sparse
+            dataset,
+            "beir",
+            dataset,
+            instruction,
+            header,
+            P.NOTE_BOOLEAN,
+            "bm25",
+            bm25,
+            k_sparse,
+            dataset,
+            {},
         )
         # Boolean syntax means nothing to a bi-encoder, so the dense variant drops that note.
         dense = {"model": DENSE_ENCODER}
         _retrieval_task(
-            dataset + "_dense", "beir", dataset, instruction, header, "", "dense", dense, k_dense
+            dataset + "_dense",
+            "beir",
+            dataset,
+            instruction,
+            header,
+            "",
+            "dense",
+            dense,
+            k_dense,
+            dataset + "_dense",
+            {},
         )
     for domain in ("health", "science", "tech"):
         dataset = f"msmarco_{domain}"
@@ -260,6 +297,8 @@ def _define_retrieval() -> None:
             "bm25",
             {"k1": 0.9, "b": 0.4},
             1000,
+            dataset,
+            {},
         )
         _retrieval_task(
             dataset + "_dense",
@@ -271,11 +310,13 @@ def _define_retrieval() -> None:
             "dense",
             {"model": CONTRIEVER},
             1000,
+            dataset,
+            {"backend": "dense", "k": 1000},
         )
 
 
 def _define_sql() -> None:
-    for dataset, mismatch in (("bird", 0.3), ("spider", 0.0)):
+    for dataset in ("bird", "spider"):
         _variants(
             dict(
                 name=dataset,
@@ -290,11 +331,11 @@ def _define_sql() -> None:
                 input_format="sql",
                 assistant_prefix=P.PREFIX_THINK,
                 answer_key="sql",
-                backend="sqlite",
+                backend="sql",
                 backend_opts={"timeout_s": 10.0, "max_rows": 10000},
                 corpus=dataset,
-                reward_task="sql",
-                reward_opts={"mismatch_reward": mismatch},
+                reward_task=dataset,
+                reward_opts={},
                 eval_metrics=_SQL_METRICS,
                 truncate_field="schema",
             ),
