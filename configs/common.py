@@ -1,0 +1,182 @@
+"""Shared sub-configs: every experiment config starts from `base_config()` and edits fields.
+
+Field names match the frozen dataclasses they become at module boundaries
+(`deepretrieval_jax.config` does the conversion and validation), so `--config.ppo.clip_eps=0.1`
+and `PPOConfig.clip_eps` are the same thing. Task configs change only what differs.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Model presets by name (see deepretrieval_jax.models.ModelConfig.preset) with their HF repos.
+HF_REPOS = {
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct",
+    "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B-Instruct",
+    "qwen2.5-3b": "Qwen/Qwen2.5-3B-Instruct",
+    "qwen2.5-7b": "Qwen/Qwen2.5-7B-Instruct",
+    "llama3.2-1b": "meta-llama/Llama-3.2-1B-Instruct",
+    "llama3.2-3b": "meta-llama/Llama-3.2-3B-Instruct",
+}
+
+
+def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.ConfigDict:
+    """Device mesh (data, fsdp, tensor); -1 on one axis means "all remaining devices"."""
+    return ml_collections.ConfigDict(
+        dict(
+            data=data,  # data-parallel replicas (batch sharded, weights replicated)
+            fsdp=fsdp,  # fully-sharded data parallel (batch and weights sharded)
+            tensor=tensor,  # tensor (model) parallel within a layer
+        )
+    )
+
+
+def model_config(preset: str = "qwen2.5-3b") -> ml_collections.ConfigDict:
+    """Policy/critic architecture and where their weights come from."""
+    return ml_collections.ConfigDict(
+        dict(
+            preset=preset,  # ModelConfig.preset name ("qwen2.5-3b", "llama3.2-3b", "tiny", ...)
+            # ModelConfig fields that override the preset (e.g. num_layers, dtype, remat).
+            overrides=ml_collections.ConfigDict(dict(dtype="bfloat16", remat=True)),
+            hf_path="",  # HF checkpoint dir (config.json + safetensors); "" = random init
+            init_checkpoint="",  # an SFT workdir's checkpoint dir; actor AND reference start here
+            critic_from_actor=True,  # critic trunk starts from the actor's initial weights
+        )
+    )
+
+
+def tokenizer_config(name: str = "qwen2.5") -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            name=name,  # "qwen2.5" (built offline) or a HF tokenizer directory
+        )
+    )
+
+
+def data_config(task: str = "pubmed") -> ml_collections.ConfigDict:
+    """Which task, where its files are, and prompt shapes."""
+    return ml_collections.ConfigDict(
+        dict(
+            task=task,  # TaskSpec name in deepretrieval_jax.data (prompt texts + reward family)
+            data_dir="",  # root of the task files; "" = $DEEPRETRIEVAL_DATA_DIR
+            train_split="train",  # split the policy trains on
+            val_split="test",  # split the greedy validation runs on
+            max_prompt_len=500,  # tokens; longer prompts are dropped (original: filtered)
+            prompt_buckets=(128, 256, 512),  # left-padded prompt lengths (fewer recompiles)
+            shuffle_seed=0,  # data order; part of the resumable iterator state
+            num_val_examples=-1,  # examples in each validation pass; -1 = whole split
+        )
+    )
+
+
+def sampling_config() -> ml_collections.ConfigDict:
+    """Rollout sampling (validation always decodes greedily with the same length limits)."""
+    return ml_collections.ConfigDict(
+        dict(
+            temperature=1.0,  # softmax temperature; original 1.0 (PubMed), 0.6 (BEIR/SQL)
+            top_k=0,  # 0 = off
+            top_p=1.0,  # nucleus mass; 1.0 = off
+            min_p=0.0,  # 0.0 = off
+            max_new_tokens=500,  # response length limit (tokens)
+            n=1,  # samples per prompt
+        )
+    )
+
+
+def ppo_config() -> ml_collections.ConfigDict:
+    """PPO hyper-parameters: the recipe of the original PubMed run (reference doc section 5)."""
+    return ml_collections.ConfigDict(
+        dict(
+            prompts_per_step=64,  # global batch of prompts per PPO step; divisible by processes
+            mini_batch_size=16,  # sequences per optimiser update (global)
+            micro_batch_size=0,  # sequences per gradient-accumulation slice; 0 = mini_batch_size
+            epochs=1,  # passes over each rollout batch
+            actor_lr=1e-6,  # constant AdamW learning rate of the policy
+            critic_lr=1e-5,  # constant AdamW learning rate of the value model
+            b1=0.9,  # AdamW beta1
+            b2=0.999,  # AdamW beta2
+            weight_decay=0.01,  # AdamW decoupled weight decay
+            grad_clip=1.0,  # global-norm gradient clip (actor and critic separately)
+            gamma=1.0,  # GAE discount
+            lam=1.0,  # GAE lambda
+            whiten_advantages=True,  # normalise advantages over the batch's response tokens
+            clip_eps=0.2,  # policy ratio clip
+            value_clip=0.5,  # value-prediction clip around the rollout values
+            entropy_coef=0.001,  # entropy bonus weight
+            kl_coef=0.001,  # KL(actor || reference) per-token penalty weight
+            kl_in_reward=True,  # True: KL in the token reward (original); False: KL loss term
+            kl_estimator="k1",  # "k1" (logp - logp_ref, original), "k2", "k3"
+        )
+    )
+
+
+def reward_config() -> ml_collections.ConfigDict:
+    """Reward pool (asyncio, no JAX) and the search backend it calls."""
+    return ml_collections.ConfigDict(
+        dict(
+            concurrency=16,  # requests in flight at once
+            rate_per_s=0.0,  # token-bucket rate limit (requests/s); 0 = unlimited
+            timeout_s=30.0,  # per-request timeout
+            retries=3,  # retries of retryable backend errors (429, 5xx, timeouts)
+            cache_path="",  # sqlite cache of search results; "" = WORKDIR/reward_cache.sqlite
+            mode="live",  # "live" | "record" | "replay" (replay: cache only, deterministic)
+            # Overrides of the task's search-backend options (TaskSpec.backend_opts), e.g.
+            # k1, b, top_k for BM25.
+            search_opts=ml_collections.ConfigDict(),
+            api_key_env="",  # env var holding the search API key (PubMed: NCBI_API_KEY)
+        )
+    )
+
+
+def train_config() -> ml_collections.ConfigDict:
+    """Loop length, validation, checkpoints, failure handling."""
+    return ml_collections.ConfigDict(
+        dict(
+            num_steps=1250,  # PPO steps (each: sample -> reward -> advantages -> update)
+            val_every=50,  # greedy validation every N steps (0 = never; also runs at the end)
+            checkpoint_every=50,  # orbax checkpoint every N steps (also at the end and SIGTERM)
+            max_to_keep=3,  # checkpoints kept
+            async_checkpoint=True,  # write checkpoints in the background
+            max_nonfinite_skips=3,  # stop after this many consecutive non-finite updates
+            log_samples=4,  # completions logged as text at each validation
+        )
+    )
+
+
+def sft_config() -> ml_collections.ConfigDict:
+    """Cold-start supervised fine-tuning on (prompt, completion) pairs."""
+    return ml_collections.ConfigDict(
+        dict(
+            pairs_path="",  # JSONL of {"prompt": [...messages] or str, "completion": str}; ""=task
+            num_steps=0,  # optimiser steps (0 = skip SFT)
+            batch_size=16,  # global sequences per step
+            lr=1e-5,  # AdamW peak learning rate
+            warmup_steps=10,  # linear warm-up, then constant
+            weight_decay=0.01,  # AdamW decoupled weight decay
+            grad_clip=1.0,  # global-norm gradient clip
+            max_len=1024,  # prompt + completion tokens; longer pairs are dropped
+            checkpoint_every=0,  # 0 = only at the end
+        )
+    )
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The full config tree with the original PubMed recipe's values."""
+    cfg = ml_collections.ConfigDict()
+    cfg.seed = 0  # params init, sampling and shuffling RNG
+    cfg.mesh = mesh_config()
+    cfg.model = model_config()
+    cfg.tokenizer = tokenizer_config()
+    cfg.data = data_config()
+    cfg.sampling = sampling_config()
+    cfg.ppo = ppo_config()
+    cfg.reward = reward_config()
+    cfg.train = train_config()
+    cfg.sft = sft_config()
+    cfg.logging = ml_collections.ConfigDict(
+        dict(
+            tensorboard=True,  # TensorBoard event files under WORKDIR/tb
+            progress=True,  # tqdm progress bar on process 0's console
+        )
+    )
+    return cfg
