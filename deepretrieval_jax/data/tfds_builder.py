@@ -108,7 +108,10 @@ class ExampleSource:
         return Example.from_json(self._source[index]["record"])
 
     def __repr__(self) -> str:
-        return f"ExampleSource({self.path}, split={self.split!r}, n={len(self)})"
+        # Part of the grain iterator state, which must survive moving the data directory.
+        return (
+            f"ExampleSource({self.path.parent.name}/{self.path.name}, {self.split}, n={len(self)})"
+        )
 
 
 def load_split(data_dir: str | os.PathLike, name: str, split: str) -> ExampleSource:
