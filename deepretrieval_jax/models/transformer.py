@@ -130,6 +130,8 @@ class Transformer(nn.Module):
         new_cache = None
         if cache is not None:
             k, v, _ = cache_kv
+            k = nn.with_logical_constraint(k, CACHE_KV_AXES)
+            v = nn.with_logical_constraint(v, CACHE_KV_AXES)
             new_cache = KVCache(k=k, v=v, mask_BxS=slot_mask_BxS, index=cache.index + T)
         return hidden_BxTxD, new_cache
 
