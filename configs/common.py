@@ -111,18 +111,24 @@ def ppo_config() -> ml_collections.ConfigDict:
 
 
 def reward_config() -> ml_collections.ConfigDict:
-    """Reward pool (asyncio, no JAX) and the search backend it calls."""
+    """Reward pool (asyncio, no JAX; fields of rewards.pool.PoolConfig) and the search backend."""
     return ml_collections.ConfigDict(
         dict(
-            concurrency=16,  # requests in flight at once
-            rate_per_s=0.0,  # token-bucket rate limit (requests/s); 0 = unlimited
-            timeout_s=30.0,  # per-request timeout
-            retries=3,  # retries of retryable backend errors (429, 5xx, timeouts)
-            cache_path="",  # sqlite cache of search results; "" = WORKDIR/reward_cache.sqlite
-            mode="live",  # "live" | "record" | "replay" (replay: cache only, deterministic)
+            pool=ml_collections.ConfigDict(
+                dict(
+                    concurrency=16,  # searches in flight per backend
+                    request_timeout_s=120.0,  # one search call, backend retries included
+                    batch_timeout_s=900.0,  # whole step's batch; unfinished samples -> invalid
+                    retries=-1,  # pool-level retries of retryable errors; -1 = backend default
+                    max_invalid_fraction=0.5,  # stop the step above this infrastructure failure
+                    cache_mode="off",  # "off" | "read_write" | "record" | "replay"
+                    cache_path="",  # sqlite cache; "" = WORKDIR/reward_cache.sqlite if cached
+                )
+            ),
             # Overrides of the task's search-backend options (TaskSpec.backend_opts), e.g.
             # k1, b, top_k for BM25.
             search_opts=ml_collections.ConfigDict(),
+            rate_per_s=0.0,  # HTTP backends: token-bucket requests/s; 0 = backend default
             api_key_env="",  # env var holding the search API key (PubMed: NCBI_API_KEY)
         )
     )

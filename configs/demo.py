@@ -47,8 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.ppo.mini_batch_size = 8  # two updates per step
     cfg.ppo.actor_lr = 1e-4  # a randomly initialised tiny model needs far larger steps
     cfg.ppo.critic_lr = 1e-3
-    cfg.reward.mode = "live"  # local BM25 is deterministic
-    cfg.reward.concurrency = 2  # two cores
+    cfg.reward.pool.concurrency = 2  # two cores
     cfg.reward.search_opts = ml_collections.ConfigDict(dict(k1=1.2, b=0.75, top_k=50))
     cfg.train.num_steps = 40  # PPO steps
     cfg.train.val_every = 10

@@ -20,7 +20,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.data.max_prompt_len = 256  # a question is short
     cfg.data.prompt_buckets = (128, 256)
     cfg.sampling.max_new_tokens = 500
-    cfg.reward.concurrency = 32
+    cfg.reward.pool.concurrency = 32
     cfg.reward.search_opts = ml_collections.ConfigDict(
         dict(
             k1=0.9,  # Pyserini defaults used by the original

@@ -21,9 +21,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.data.max_prompt_len = 500  # original max_prompt_length
     cfg.sampling.max_new_tokens = 500  # original max_response_length
     cfg.sampling.temperature = 1.0  # original rollout temperature (top-p 1.0)
-    cfg.reward.concurrency = 10  # NCBI allows 10 requests/s with a key
+    cfg.reward.pool.concurrency = 10  # NCBI allows 10 requests/s with a key
     cfg.reward.rate_per_s = 10.0  # token bucket: never exceed NCBI's limit (429s otherwise)
     cfg.reward.api_key_env = "NCBI_API_KEY"  # E-utilities key
-    cfg.reward.mode = "record"  # live search, every result cached for replay
+    cfg.reward.pool.cache_mode = "record"  # live search, every result cached for replay
     cfg.train.num_steps = 1250  # 10 epochs at 64 prompts/step
     return cfg

@@ -20,8 +20,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.data.max_prompt_len = 500
     cfg.sampling.temperature = 0.6  # original BEIR rollouts
     cfg.sampling.max_new_tokens = 500
-    cfg.reward.mode = "live"  # local BM25: deterministic, nothing to cache
-    cfg.reward.concurrency = 8  # BM25 queries run in a thread pool
+    cfg.reward.pool.concurrency = 8  # BM25 queries run in a thread pool
     cfg.reward.search_opts = ml_collections.ConfigDict(
         dict(
             k1=1.2,  # DeepRetrieval's SciFact BM25

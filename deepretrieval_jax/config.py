@@ -160,8 +160,11 @@ def validate(cfg: Any, num_processes: int = 1) -> None:
         raise ValueError(
             f"sampling.max_new_tokens must be positive, got {cfg.sampling.max_new_tokens}"
         )
-    if cfg.reward.mode not in ("live", "record", "replay"):
-        raise ValueError(f"reward.mode must be live, record or replay, got {cfg.reward.mode!r}")
+    modes = ("off", "read_write", "record", "replay")
+    if cfg.reward.pool.cache_mode not in modes:
+        raise ValueError(
+            f"reward.pool.cache_mode must be one of {modes}, got {cfg.reward.pool.cache_mode!r}"
+        )
     if cfg.sft.num_steps and cfg.sft.batch_size % num_processes:
         raise ValueError(
             f"sft.batch_size ({cfg.sft.batch_size}) must be divisible by the number of "
