@@ -1,0 +1,260 @@
+"""Checkpoints: orbax CheckpointManager wrapper for sharded state plus JSON host metadata.
+
+Layout: `<directory>/<step>/state` (the pytree of arrays, OCDBT) and `<directory>/<step>/metadata`
+(a JSON dict: config, data-iterator state, ...).
+
+Invariants:
+- Saves are asynchronous by default: `save` returns once arrays are copied off the devices;
+  writing happens in the background. Call `wait_until_finished()` before reading a checkpoint
+  back in the same process, and `close()` before exit.
+- A step is *finalised* when orbax has renamed its temporary directory
+  (`<step>.orbax-checkpoint-tmp-*`) into place and the step contains orbax's commit marker
+  (`commit_success.txt`). Only finalised steps are listed, restored or counted as latest, so a
+  crash mid-save never leaves a corrupt "latest" checkpoint; leftover temporary directories are
+  deleted when a manager is opened.
+- Keeps the last `max_to_keep` finalised steps. How often to save is the caller's decision.
+- Multi-host: every process calls `save` and `restore`; orbax writes shared files from the
+  primary process only.
+- Restoring onto a target tree (leaves: `jax.ShapeDtypeStruct` with `.sharding`, or arrays)
+  reshards to the target's shardings, including a mesh of a different shape than at save time.
+  The tree structure and shapes are checked against the checkpoint first; a mismatch raises
+  `CheckpointError` naming the step directory and the offending key. Without a target, arrays
+  come back as host NumPy arrays (nested dicts for custom pytree nodes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+STATE, METADATA = "state", "metadata"
+_COMMIT_MARKER = "commit_success.txt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be restored as asked: corrupt files or a tree/shape mismatch."""
+
+
+def _key_name(entry) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _flat(tree) -> dict[str, Any]:
+    """Leaves keyed by their path, e.g. "actor_params/layers_0/kernel"."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(_key_name(e) for e in path): leaf for path, leaf in leaves}
+
+
+def _abstract(leaf):
+    """A restore target leaf: arrays become ShapeDtypeStructs keeping their sharding."""
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return leaf
+    if isinstance(leaf, jax.Array):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+    leaf = np.asarray(leaf)
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+
+
+def _check_matches(step_dir: Path, saved_tree, target, prefix: str = "", partial=False) -> None:
+    """Raises CheckpointError if target's keys (all of them unless `partial`) or shapes differ
+    from the saved tree's."""
+    saved, wanted = _flat(saved_tree), _flat(target)
+    extra = sorted(set(saved) - set(wanted))
+    if extra and not partial:
+        raise CheckpointError(
+            f"{step_dir}: key {prefix + extra[0]!r} is in the checkpoint but not in the target "
+            f"({len(extra)} such keys)"
+        )
+    missing = sorted(set(wanted) - set(saved))
+    if missing:
+        raise CheckpointError(
+            f"{step_dir}: key {prefix + missing[0]!r} of the target is not in the checkpoint "
+            f"({len(missing)} missing; the checkpoint has e.g. {sorted(saved)[:5]})"
+        )
+    for key, leaf in wanted.items():
+        saved_shape = tuple(getattr(saved[key], "shape", None) or ())
+        if saved_shape != tuple(leaf.shape):
+            raise CheckpointError(
+                f"{step_dir}: key {prefix + key!r} has shape {saved_shape} in the checkpoint, "
+                f"the target expects {tuple(leaf.shape)}"
+            )
+
+
+def _restore_args(leaf: jax.ShapeDtypeStruct) -> ocp.RestoreArgs:
+    """Onto the leaf's sharding when it has one, else as a host NumPy array."""
+    if leaf.sharding is None:
+        return ocp.RestoreArgs(restore_type=np.ndarray, dtype=leaf.dtype)
+    return ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape, dtype=leaf.dtype)
+
+
+def _restore_tree(step_dir: Path, target, key: str | None = None):
+    """Restores the saved state (or its top-level `key`) onto `target` (None: all, as NumPy)."""
+    saved_tree = _saved_tree(step_dir)
+    if key is not None:
+        if not isinstance(saved_tree, Mapping) or key not in saved_tree:
+            keys = sorted(saved_tree) if isinstance(saved_tree, Mapping) else type(saved_tree)
+            raise CheckpointError(f"{step_dir}: no key {key!r} in the saved state (has {keys})")
+    if target is None:
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), saved_tree)
+    else:
+        target = jax.tree.map(_abstract, target)
+        if key is None:
+            _check_matches(step_dir, saved_tree, target)
+        else:
+            _check_matches(step_dir, saved_tree[key], target, prefix=key + "/", partial=True)
+            target = {key: target}
+    args = ocp.args.PyTreeRestore(
+        item=target,
+        restore_args=jax.tree.map(_restore_args, target),
+        partial_restore=key is not None,
+    )
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(step_dir / STATE, args=args)
+    except Exception as e:
+        raise CheckpointError(f"{step_dir}: cannot restore: {type(e).__name__}: {e}") from e
+    return restored if key is None else restored[key]
+
+
+def _finalised_steps(directory: Path) -> list[int]:
+    """Steps whose directory orbax renamed into place and marked committed, ascending."""
+    if not directory.is_dir():
+        return []
+    return sorted(
+        int(p.name)
+        for p in directory.iterdir()
+        if p.name.isdigit() and (p / _COMMIT_MARKER).exists()
+    )
+
+
+def _resolve(directory: Path, step: int | None) -> Path:
+    """The directory of a finalised step; FileNotFoundError saying what exists."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: checkpoint directory does not exist")
+    steps = _finalised_steps(directory)
+    if not steps:
+        raise FileNotFoundError(f"{directory}: no finalised checkpoint in the directory")
+    if step is None:
+        step = steps[-1]
+    if step not in steps:
+        raise FileNotFoundError(
+            f"{directory}: no finalised checkpoint for step {step} (have {steps})"
+        )
+    return directory / str(step)
+
+
+def _saved_tree(step_dir: Path):
+    """Metadata tree (shapes, dtypes) of a step's saved state."""
+    try:
+        metadata = ocp.StandardCheckpointer().metadata(step_dir / STATE).item_metadata
+        error = "missing or corrupt files" if metadata is None else None
+    except Exception as e:
+        metadata, error = None, f"{type(e).__name__}: {e}"
+    if error:
+        raise CheckpointError(f"{step_dir / STATE}: unreadable checkpoint metadata: {error}")
+    return metadata.tree
+
+
+class CheckpointManager:
+    """Saves and restores `(state pytree, JSON metadata)` per step under one directory."""
+
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3, async_save: bool = True):
+        if max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
+        self.directory = Path(directory).expanduser().absolute()
+        if self.directory.exists() and not self.directory.is_dir():
+            raise NotADirectoryError(f"{self.directory}: checkpoint path is not a directory")
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep),
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=(STATE, METADATA)
+        )
+
+    def all_steps(self) -> list[int]:
+        """Finalised steps, ascending."""
+        return _finalised_steps(self.directory)
+
+    def latest_step(self) -> int | None:
+        """The newest finalised step, or None when there is none."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def save(
+        self, step: int, state, metadata: Mapping[str, Any] | None = None, force: bool = False
+    ) -> bool:
+        """Starts saving `state` (a pytree of arrays) and `metadata` (JSON) as `step`.
+
+        Returns whether a save was started (orbax skips steps not newer than the latest one
+        unless `force`).
+        """
+        metadata = dict(metadata or {})
+        try:
+            json.dumps(metadata)
+        except TypeError as e:
+            raise CheckpointError(f"{self.directory}: metadata of step {step}: {e}") from e
+        args = ocp.args.Composite(
+            **{STATE: ocp.args.StandardSave(state), METADATA: ocp.args.JsonSave(metadata)}
+        )
+        return self._manager.save(step, args=args, force=force)
+
+    def restore(self, step: int | None = None, target=None) -> tuple[Any, dict]:
+        """Restores `(state, metadata)` of `step` (default: the latest finalised step).
+
+        Args:
+            step: which step; None for the latest finalised one.
+            target: pytree matching the saved state whose leaves are `jax.ShapeDtypeStruct`
+                (with `.sharding` to restore onto devices) or arrays; None restores host NumPy
+                arrays with the saved structure.
+        """
+        step_dir = _resolve(self.directory, step)
+        state = _restore_tree(step_dir, target)
+        self._manager.reload()  # steps another process finalised since we opened
+        args = ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()})
+        try:
+            metadata = self._manager.restore(int(step_dir.name), args=args)[METADATA]
+        except Exception as e:
+            raise CheckpointError(
+                f"{step_dir / METADATA}: cannot restore: {type(e).__name__}: {e}"
+            ) from e
+        return state, dict(metadata or {})
+
+    def wait_until_finished(self) -> None:
+        """Blocks until pending asynchronous saves are finalised."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases orbax's resources."""
+        self._manager.close()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def restore_params(
+    directory: str | os.PathLike, target, step: int | None = None, key: str | None = None
+):
+    """Restores one params tree onto `target`'s shardings, reading nothing else.
+
+    Args:
+        directory: a CheckpointManager directory.
+        target: pytree of `jax.ShapeDtypeStruct` (or arrays) shaped like the params.
+        step: which step; None for the latest finalised one.
+        key: top-level key of the saved state holding the params (e.g. "actor_params");
+            None when the saved state is the params tree itself.
+    """
+    return _restore_tree(_resolve(Path(directory).expanduser().absolute(), step), target, key)
