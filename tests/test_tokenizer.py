@@ -229,3 +229,23 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="ranks must be the distinct integers 0..1"):
         tokenizer_lib.build_qwen25(tmp_path / "out", ranks_path=bad)
     assert not (tmp_path / "out").exists()
+
+
+def test_from_dir_without_pad_token_pads_with_eos(tmp_path):
+    """A Llama-3-style tokenizer: eos <|eot_id|>, also <|end_of_text|>, no pad token."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = RawTokenizer(models.WordLevel({"hello": 0, "world": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|eot_id|>")
+    hf.add_special_tokens({"additional_special_tokens": ["<|end_of_text|>"]})
+    hf.save_pretrained(str(tmp_path))
+    tok = Tokenizer.from_dir(tmp_path)
+    eot, end = tok.token_id("<|eot_id|>"), tok.token_id("<|end_of_text|>")
+    assert tok.eos_ids == (eot, end)
+    assert tok.pad_id == eot
+    tokens, mask = tok.encode_batch(["hello world", "world"], buckets=(4,))
+    assert tokens.tolist() == [[eot, eot, 0, 1], [eot, eot, eot, 1]]
+    assert mask.tolist() == [[0, 0, 1, 1], [0, 0, 0, 1]]
