@@ -71,7 +71,7 @@ class PoolConfig:
     concurrency_per_backend: Mapping[str, int] = dataclasses.field(default_factory=dict)
     request_timeout_s: float = 120.0  # One search call, backend retries and rate waits included.
     batch_timeout_s: float | None = 900.0  # Whole batch; unfinished samples become invalid.
-    retries: int | None = None  # Pool-level retries of retryable BackendErrors (see module doc).
+    retries: int | None = None  # Pool-level retries of retryable errors; None or -1: auto.
     backoff_base_s: float = 0.5  # Pool retry backoff: uniform(0, min(max, base * 2**attempt)).
     backoff_max_s: float = 30.0
     max_invalid_fraction: float = 0.5  # result() raises above this fraction of invalid samples.
@@ -80,6 +80,10 @@ class PoolConfig:
     lru_size: int = 100_000  # Entries kept in memory.
 
     def __post_init__(self):
+        if self.retries == -1:  # Config files cannot hold None: -1 means "backend default".
+            object.__setattr__(self, "retries", None)
+        if self.cache_path == "":
+            object.__setattr__(self, "cache_path", None)
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
         if not 0.0 <= self.max_invalid_fraction <= 1.0:

@@ -12,7 +12,8 @@ Four families, with the original DeepRetrieval tables as defaults (reference doc
 Scoring flow (`TaskReward.finish`): broken tags -> format penalty (the query is not run);
 broken payload (not JSON, not an object, missing/empty/non-string key) -> the family's answer
 penalty (RecallTask/EvidenceTask: format + answer_bad; NdcgTask/SqlTask: format_bad);
-`QueryRejected` from the backend -> answer penalty (SqlTask: an execution error, answer 0);
+`QueryRejected` from the backend -> answer penalty (RecallTask/EvidenceTask: format +
+answer_bad; NdcgTask: a total of answer_bad = -2; SqlTask: an execution error, answer 0);
 `BackendError` -> an invalid result (valid=False, reward 0.0, never a penalty); otherwise the
 family grades the backend results. `score(...)` runs the same flow offline on given results.
 
@@ -146,7 +147,7 @@ class TaskConfig:
 class NdcgConfig(TaskConfig):
     format_ok: float = 0.1
     format_bad: float = -2.0
-    answer_bad: float = -2.0
+    answer_bad: float = -2.0  # Total for a QueryRejected (as for a broken payload).
     zero: float = 0.0  # Total when NDCG is 0 and the format is fine.
     eval_k: int = 10  # Also reported as ndcg@eval_k.
 
@@ -312,6 +313,10 @@ class NdcgTask(TaskReward):
             ) from None
         if not any(g > 0 for g in grades.values()):
             raise ValueError(f"{self.name}: label has no relevant (grade > 0) document")
+
+    def reject(self, parsed, message):
+        reward = self.config.answer_bad  # The total, like a broken payload (format_bad).
+        return RewardResult(reward, True, True, False, parsed.value, {}, message, "answer_bad")
 
     def grade(self, parsed, results, label):
         grades = rm.graded_labels(label)
