@@ -1,0 +1,190 @@
+"""Local BM25: Lucene scoring by hand, Boolean semantics, save -> mmap load, dates."""
+
+import asyncio
+import json
+import math
+
+import numpy as np
+import pytest
+
+from deepretrieval_jax.search import query_syntax as qs
+from deepretrieval_jax.search.base import QueryRejected
+from deepretrieval_jax.search.bm25 import BM25Backend, BM25Config, BM25Index
+
+DOCS = {
+    "d1": (
+        "Aspirin and heart attack",
+        "Aspirin reduces the risk of heart attack in adults.",
+        "2001/05/01",
+    ),
+    "d2": ("Heart failure", "Treatment of heart failure with beta blockers.", "2005"),
+    "d3": ("Attack from the heart", "A story where the attack came from the heart.", "2010/01/15"),
+    "d4": ("Stroke prevention", "Aspirin for stroke prevention.", "2015-07-04"),
+    "d5": ("Diabetes", "Insulin therapy for diabetes mellitus.", "2020/12/31"),
+    "d6": ("COVID-19 vaccines", "mRNA vaccines against covid-19 infection.", None),
+}
+
+
+def write_beir(path, docs=DOCS, with_dates=True):
+    path.mkdir(exist_ok=True)
+    with open(path / "corpus.jsonl", "w") as f:
+        for doc_id, (title, text, date) in docs.items():
+            meta = {"date": date} if with_dates and date else {}
+            f.write(
+                json.dumps({"_id": doc_id, "title": title, "text": text, "metadata": meta}) + "\n"
+            )
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory):
+    return BM25Index.from_beir(write_beir(tmp_path_factory.mktemp("corpus"), with_dates=False))
+
+
+def lucene_bm25(query, docs, k1, b):
+    """Lucene >= 8 BM25 by hand: sum idf * tf / (tf + k1 (1 - b + b dl / avgdl))."""
+    n, avgdl = len(docs), sum(map(len, docs)) / len(docs)
+    out = []
+    for doc in docs:
+        score = 0.0
+        for term in query:
+            df, tf = sum(term in d for d in docs), doc.count(term)
+            idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
+            score += idf * tf / (tf + k1 * (1 - b + b * len(doc) / avgdl)) if tf else 0.0
+        out.append(score)
+    return out
+
+
+@pytest.mark.parametrize("k1,b", [(0.9, 0.4), (1.2, 0.75)])
+def test_bag_of_words_matches_hand_computed_lucene_bm25(k1, b):
+    texts = ["apple banana apple", "banana cherry", "date", "apple cherry cherry date fig", "fig"]
+    config = BM25Config(k1=k1, b=b, stopwords="none", stemmer=None)
+    idx = BM25Index.build([(f"t{i}", t) for i, t in enumerate(texts)], config)
+    query = ["apple", "cherry"]
+    expected = lucene_bm25(query, [t.split() for t in texts], k1, b)
+    np.testing.assert_allclose(idx.scores(idx.token_ids(" ".join(query))), expected, rtol=1e-5)
+    ranked = sorted((i for i, s in enumerate(expected) if s > 0), key=lambda i: -expected[i])
+    assert idx.search("apple cherry") == [f"t{i}" for i in ranked]
+
+
+@pytest.mark.parametrize(
+    "query,expected",
+    [
+        ("aspirin AND heart", {"d1"}),
+        ("aspirin OR diabetes", {"d1", "d4", "d5"}),
+        ("aspirin NOT stroke", {"d1"}),
+        ("NOT aspirin", {"d2", "d3", "d5", "d6"}),
+        ('"heart attack"', {"d1"}),  # d3 has both words, never consecutive.
+        ('"heart attacks" OR "attacked heart"', {"d1"}),  # Phrases are stemmed too.
+        ("heart attack AND aspirin", {"d1"}),  # Implicit AND.
+        ('"aspirin for stroke"', {"d4"}),  # Positions skip stopwords ("for").
+        ("(stroke OR diabetes) AND (aspirin OR insulin)", {"d4", "d5"}),
+        ("heart AND (failure OR attack)", {"d1", "d2", "d3"}),
+        ("heart AND NOT (failure OR aspirin)", {"d3"}),
+        ("aspirin[tiab] AND stroke[MeSH Terms]", {"d4"}),  # Field tags ignored.
+        ("covid-19 AND vaccines", {"d6"}),  # A multi-token word is a phrase.
+        ("infect* AND covid", {"d6"}),  # Truncation dropped; the stem matches.
+        ("the AND aspirin", {"d1", "d4"}),  # A stopword operand is dropped.
+        ("zebra OR stroke", {"d4"}),  # Unknown words match nothing.
+        ("zebra AND stroke", set()),
+    ],
+)
+def test_boolean_candidate_sets(index, query, expected):
+    assert set(index.search(query)) == expected
+
+
+def test_boolean_candidates_ranked_by_positive_terms(index):
+    ranked = index.search("heart AND (failure OR attack) NOT insulin")
+    scores = index.scores(index.token_ids("heart failure attack"))
+    pos = {d: i for i, d in enumerate(index.doc_ids)}
+    expected = sorted(["d1", "d2", "d3"], key=lambda d: (-scores[pos[d]], pos[d]))
+    assert ranked == expected  # By score, ties (d1, d3 here) in corpus order.
+    assert scores[pos["d2"]] > scores[pos["d1"]] == scores[pos["d3"]]
+
+
+def test_default_operator_or(tmp_path, index):
+    index.save(str(tmp_path / "idx"))
+    or_index = BM25Index.load(str(tmp_path / "idx"), default_operator="OR")
+    assert set(or_index.search("(stroke diabetes)")) == {"d4", "d5"}
+    assert index.search("(stroke diabetes)") == []
+    assert set(or_index.search("stroke diabetes AND insulin")) == {"d4", "d5"}
+
+
+@pytest.mark.parametrize(
+    "query,reason",
+    [
+        ("(aspirin AND heart", "unbalanced '\\('"),
+        ("aspirin AND heart)", "unexpected"),
+        ("aspirin AND", "right operand"),
+        ("OR aspirin heart", "left operand"),
+        ('"aspirin heart', "unterminated"),
+        ("aspirin () heart", "empty parentheses"),
+    ],
+)
+def test_malformed_boolean_falls_back_or_rejects(index, tmp_path, query, reason):
+    with pytest.raises(qs.MalformedQuery, match=reason):
+        qs.parse(query)
+    assert index.search(query) == index.search(qs.bag_of_words(query)) != []
+    index.save(str(tmp_path / "idx"))
+    strict = BM25Index.load(str(tmp_path / "idx"), malformed="reject")
+    with pytest.raises(QueryRejected, match="malformed Boolean query"):
+        strict.search(query)
+
+
+def test_parser_precedence():
+    tree = qs.parse("a OR b c NOT d")
+    assert tree == qs.Or((qs.Term("a"), qs.And((qs.Term("b"), qs.Term("c"), qs.Not(qs.Term("d"))))))
+    assert not qs.is_boolean("aspirin[tiab] stroke, and or not") and qs.is_boolean("a NOT b")
+
+
+def test_plain_text_is_bag_of_words_and_stopwords_only_is_empty(index):
+    assert index.search("aspirin stroke")[0] == "d4"
+    assert set(index.search("aspirin stroke")) == {"d1", "d4"}
+    assert index.search("the of and") == []
+    with pytest.raises(QueryRejected, match="empty"):
+        index.search("  ")
+
+
+def test_save_then_mmap_load_gives_identical_results(tmp_path, index):
+    index.save(str(tmp_path / "idx"))
+    loaded = BM25Index.load(str(tmp_path / "idx"), mmap=True)
+    assert isinstance(loaded.retriever.scores["data"], np.memmap)
+    assert isinstance(loaded.tokens, np.memmap)
+    for query in ["aspirin heart attack", '"heart attack" OR stroke', "NOT aspirin", "covid-19"]:
+        assert loaded.search(query) == index.search(query)
+    np.testing.assert_array_equal(
+        loaded.scores(loaded.token_ids("heart attack")),
+        index.scores(index.token_ids("heart attack")),
+    )
+    assert loaded.search_many(["aspirin heart", "zebra"], top_k=3) == [
+        index.search("aspirin heart", top_k=3),
+        [],
+    ]
+
+
+def test_date_filter(tmp_path):
+    idx = BM25Index.from_beir(write_beir(tmp_path / "dated"))
+    assert set(idx.search("heart OR aspirin OR insulin")) == {"d1", "d2", "d3", "d4", "d5"}
+    assert set(idx.search("heart OR aspirin OR insulin", maxdate="2005")) == {"d1", "d2"}
+    assert set(idx.search("heart OR aspirin", mindate="2002/01/01", maxdate="2010/01/15")) == {
+        "d2",
+        "d3",
+    }
+    assert idx.search("vaccines", maxdate="2030") == []  # d6 has no date.
+    undated = BM25Index.from_beir(write_beir(tmp_path / "undated", with_dates=False))
+    assert undated.search("vaccines", maxdate="2000") == ["d6"]  # No dates: filter ignored.
+
+
+def test_async_backend(tmp_path, index):
+    index.save(str(tmp_path / "idx"))
+
+    async def main():
+        async with BM25Backend(index_dir=str(tmp_path / "idx")) as backend:
+            results = await asyncio.gather(*[backend.search("stroke", top_k=1) for _ in range(4)])
+            with pytest.raises(QueryRejected):
+                await backend.search("x" * 5000)
+        return results
+
+    assert asyncio.run(main()) == [["d4"]] * 4
+    with pytest.raises(FileNotFoundError, match="corpus.jsonl"):
+        BM25Index.from_beir(str(tmp_path))
