@@ -20,7 +20,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_qwen2_hf_dir(tmp_path_factory):
     """A tiny random Qwen2 checkpoint saved by transformers (tests/tiny_models.py)."""
-    from tests.tiny_models import save_tiny_hf_model
+    from tiny_models import save_tiny_hf_model
 
     path = tmp_path_factory.mktemp("tiny_qwen2_hf")
     save_tiny_hf_model(path, family="qwen2", tie=True)
@@ -30,7 +30,7 @@ def tiny_qwen2_hf_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llama_hf_dir(tmp_path_factory):
     """A tiny random Llama-3 checkpoint (llama3 RoPE scaling, tied) saved by transformers."""
-    from tests.tiny_models import save_tiny_hf_model
+    from tiny_models import save_tiny_hf_model
 
     path = tmp_path_factory.mktemp("tiny_llama_hf")
     save_tiny_hf_model(path, family="llama", tie=True)

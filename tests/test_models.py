@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_models import left_padded_batch, random_params
 
 from deepretrieval_jax.models import CausalLM, ModelConfig, RopeScaling, ValueModel, init_cache
-from tests.tiny_models import left_padded_batch, random_params
 
 PAD_LENGTHS = (0, 3, 6)
 SEQ_LEN = 10

@@ -4,10 +4,10 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from tiny_models import left_padded_batch
 
 from deepretrieval_jax import sharding
 from deepretrieval_jax.models import CausalLM, ModelConfig, ValueModel, init_cache
-from tests.tiny_models import left_padded_batch
 
 PAD_LENGTHS = (0, 1, 3, 5)
 
