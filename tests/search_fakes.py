@@ -8,6 +8,8 @@ request, in order:
         fake.inject(Fault.status(500), Fault.drop(), Fault.status(429, retry_after="1"))
         backend = PubMedBackend(PubMedConfig(base_url=fake.base_url, ...))
 
+The module also writes a tiny BEIR corpus (`write_beir`) for the local BM25 tests.
+
 Faults: `status(code, retry_after=None)` (an error response), `drop()` (headers and half a body
 sent, then the connection is closed), `malformed()` (200 with broken JSON), `bad_schema()`
 (200 with valid JSON of the wrong shape), `delay(s)` (wait s seconds, then answer normally).
@@ -256,3 +258,30 @@ class FakeCTGov(FakeServer):
         if start + size < len(ids):
             body["nextPageToken"] = f"tok{start + size}"
         return web.Response(text=json.dumps(body), content_type="application/json")
+
+
+# A six-document BEIR corpus for the BM25 and service tests: id -> (title, text, date).
+DOCS = {
+    "d1": (
+        "Aspirin and heart attack",
+        "Aspirin reduces the risk of heart attack in adults.",
+        "2001/05/01",
+    ),
+    "d2": ("Heart failure", "Treatment of heart failure with beta blockers.", "2005"),
+    "d3": ("Attack from the heart", "A story where the attack came from the heart.", "2010/01/15"),
+    "d4": ("Stroke prevention", "Aspirin for stroke prevention.", "2015-07-04"),
+    "d5": ("Diabetes", "Insulin therapy for diabetes mellitus.", "2020/12/31"),
+    "d6": ("COVID-19 vaccines", "mRNA vaccines against covid-19 infection.", None),
+}
+
+
+def write_beir(path, docs=DOCS, with_dates=True):
+    """Writes `docs` as a BEIR corpus.jsonl under `path` (a pathlib.Path); returns str(path)."""
+    path.mkdir(exist_ok=True)
+    with open(path / "corpus.jsonl", "w") as f:
+        for doc_id, (title, text, date) in docs.items():
+            meta = {"date": date} if with_dates and date else {}
+            f.write(
+                json.dumps({"_id": doc_id, "title": title, "text": text, "metadata": meta}) + "\n"
+            )
+    return str(path)

@@ -1,39 +1,15 @@
 """Local BM25: Lucene scoring by hand, Boolean semantics, save -> mmap load, dates."""
 
 import asyncio
-import json
 import math
 
 import numpy as np
 import pytest
+from search_fakes import write_beir
 
 from deepretrieval_jax.search import query_syntax as qs
 from deepretrieval_jax.search.base import QueryRejected
 from deepretrieval_jax.search.bm25 import BM25Backend, BM25Config, BM25Index
-
-DOCS = {
-    "d1": (
-        "Aspirin and heart attack",
-        "Aspirin reduces the risk of heart attack in adults.",
-        "2001/05/01",
-    ),
-    "d2": ("Heart failure", "Treatment of heart failure with beta blockers.", "2005"),
-    "d3": ("Attack from the heart", "A story where the attack came from the heart.", "2010/01/15"),
-    "d4": ("Stroke prevention", "Aspirin for stroke prevention.", "2015-07-04"),
-    "d5": ("Diabetes", "Insulin therapy for diabetes mellitus.", "2020/12/31"),
-    "d6": ("COVID-19 vaccines", "mRNA vaccines against covid-19 infection.", None),
-}
-
-
-def write_beir(path, docs=DOCS, with_dates=True):
-    path.mkdir(exist_ok=True)
-    with open(path / "corpus.jsonl", "w") as f:
-        for doc_id, (title, text, date) in docs.items():
-            meta = {"date": date} if with_dates and date else {}
-            f.write(
-                json.dumps({"_id": doc_id, "title": title, "text": text, "metadata": meta}) + "\n"
-            )
-    return str(path)
 
 
 @pytest.fixture(scope="module")
