@@ -34,6 +34,7 @@ from deepretrieval_jax.data.render import original_query, prepare_prompts
 from deepretrieval_jax.data.tasks import TaskSpec
 from deepretrieval_jax.rewards import retrieval_metrics as rm
 from deepretrieval_jax.rewards.parsing import parse_completion
+from deepretrieval_jax.search import query_syntax
 from deepretrieval_jax.search.base import BackendError, QueryRejected, SearchBackend
 
 STATUSES = ("ok", "format_error", "rejected", "backend_error")
@@ -129,7 +130,7 @@ async def run_queries(
 ) -> list[EvalRecord]:
     """Runs every non-None query; a None query is a format error (reason from `errors`)."""
     sem = asyncio.Semaphore(concurrency)
-    base = {**spec.backend_opts, **(search_opts or {})}
+    base = {**spec.search_opts(), **(search_opts or {})}
     tasks, out = [], [None] * len(examples)
     for i, (ex, q) in enumerate(zip(examples, queries, strict=True)):
         if q is None:
@@ -210,10 +211,18 @@ def evaluate(
     passages: Mapping | None = None,
 ) -> EvalReport:
     """Evaluates `method` ("original_query" or "policy" with `generate_fn` and `tokenizer`)."""
-    settings: dict[str, Any] = {"search_opts": {**spec.backend_opts, **(search_opts or {})}}
+    settings: dict[str, Any] = {
+        "backend": spec.backend,
+        "index_opts": spec.index_opts(),
+        "search_opts": {**spec.search_opts(), **(search_opts or {})},
+    }
     completions: list[str | None] = [None] * len(examples)
     if method == "original_query":
         queries = [original_query(spec, ex.input) for ex in examples]
+        if spec.backend == "bm25":
+            # The input is plain text: a claim's "(IL-6)" is not Boolean syntax for our BM25.
+            # Bag-of-words is also how the original's Pyserini baseline read it.
+            queries = [query_syntax.bag_of_words(q) for q in queries]
         errors = None
         decode_rec = None
     elif method == "policy":

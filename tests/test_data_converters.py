@@ -34,7 +34,9 @@ def test_raw_pubmed_and_ctgov_jsonl(tmp_path):
         tmp_path / "ct.jsonl",
         [{"id": "T1", "pico": PICO, "trial_nctids": ["NCT0001"], "pub_date": "2015/01/01"}],
     )
-    assert C.read_pico_jsonl(ct)[0].label == ["NCT0001"]
+    (ex,) = C.read_pico_jsonl(ct)
+    assert ex.label == ["NCT0001"] and ex.meta["pub_date"] == "2015/01/01"
+    assert ex.search_opts == {}  # trial search had no date cutoff
 
 
 @pytest.mark.parametrize(
@@ -90,8 +92,9 @@ def test_verl_parquet_with_input_column(tmp_path):
         PICO,
         ["11", "12"],
         {"maxdate": "2010/12/08"},
-        {"source": str(path), "row": 0, "data_source": "pubmed", "split": "test"},
-    )
+        {"source": str(path), "row": 0, "data_source": "pubmed", "split": "test",
+         "pub_date": "2010/12/08"},
+    )  # fmt: skip
 
 
 def test_verl_parquet_recovers_input_from_prompt_and_graded_labels(tmp_path):

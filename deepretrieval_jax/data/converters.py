@@ -1,7 +1,8 @@
 """Converters from the formats DeepRetrieval used into `Example` records.
 
 - raw PubMed / ClinicalTrials.gov jsonl: `id, pico{P,I,C,O}, publication_pmids | trial_nctids,
-  pub_date "YYYY/MM/DD"` -> input PICO dict, label ids, search_opts {"maxdate": pub_date}.
+  pub_date "YYYY/MM/DD"` -> input PICO dict, label ids, meta pub_date, and for PubMed
+  search_opts {"maxdate": pub_date} (the original searched trials without a date cutoff).
 - DeepRetrieval's preprocessed (verl) parquet: `input, label?, pub_date?, data_source, prompt,
   reward_model.ground_truth.target, extra_info{split,index}` -> the PICO is parsed back from
   `input` (`P: ...\\nI: ...`), or the text after the input header of the prompt otherwise.
@@ -85,16 +86,18 @@ def read_pico_jsonl(path: PathLike, label_field: str | None = None) -> list[Exam
             if field is None:
                 raise DataFormatError(path, line, "publication_pmids|trial_nctids", "missing")
         ex_id = str(_require(obj, "id", path, line))
-        opts = {}
+        opts, meta = {}, {"source": str(path), "line": line}
         if obj.get("pub_date"):
-            opts["maxdate"] = _pub_date(obj["pub_date"], path, line)
+            meta["pub_date"] = _pub_date(obj["pub_date"], path, line)
+            if field == "publication_pmids":  # PubMed searches stop at the review's date
+                opts["maxdate"] = meta["pub_date"]
         out.append(
             Example(
                 id=ex_id,
                 input=_pico(_require(obj, "pico", path, line), path, line),
                 label=_id_list(_require(obj, field, path, line), path, line, field),
                 search_opts=opts,
-                meta={"source": str(path), "line": line},
+                meta=meta,
             )
         )
     return out
@@ -157,15 +160,20 @@ def read_verl_parquet(path: PathLike) -> list[Example]:
             text = _input_from_prompt(row, path, line)
         pico = parse_pico_text(text)
         extra = row.get("extra_info") or {}
-        opts = {"maxdate": _pub_date(row["pub_date"], path, line)} if row.get("pub_date") else {}
         split, index = extra.get("split", ""), extra.get("index", i)
+        meta = {"source": str(path), "row": i, "data_source": source, "split": split}
+        opts = {}
+        if row.get("pub_date"):
+            meta["pub_date"] = _pub_date(row["pub_date"], path, line)
+            if source.startswith("pubmed"):  # PubMed searches stop at the review's date
+                opts["maxdate"] = meta["pub_date"]
         out.append(
             Example(
                 id=f"{source}-{split}-{index}",
                 input=pico if pico is not None else text,
                 label=label,
                 search_opts=opts,
-                meta={"source": str(path), "row": i, "data_source": source, "split": split},
+                meta=meta,
             )
         )
     return out

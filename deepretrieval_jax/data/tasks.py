@@ -33,6 +33,9 @@ FAMILIES = (
 VARIANTS = ("reasoning", "no_reasoning")
 INPUT_FORMATS = ("text", "pico", "sql")
 PICO_KEYS = ("P", "I", "C", "O")
+# Backend options fixed when the index is built (BM25 parameters, dense encoder); the rest of
+# `TaskSpec.backend_opts` (top_k, ...) are passed to every `search` call.
+INDEX_OPTS = ("k1", "b", "model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +82,14 @@ class TaskSpec:
     @property
     def reasoning(self) -> bool:
         return self.variant == "reasoning"
+
+    def index_opts(self) -> dict[str, Any]:
+        """Options for building / loading the backend's index (BM25 k1 and b, encoder)."""
+        return {k: v for k, v in self.backend_opts.items() if k in INDEX_OPTS}
+
+    def search_opts(self) -> dict[str, Any]:
+        """Options for each `backend.search(query, **opts)` call (e.g. top_k)."""
+        return {k: v for k, v in self.backend_opts.items() if k not in INDEX_OPTS}
 
     def replace(self, **overrides: Any) -> TaskSpec:
         return dataclasses.replace(self, **overrides)
@@ -130,7 +141,7 @@ def _variants(base: dict, no_reason: dict) -> None:
 
 def _define_search_engines() -> None:
     for dataset, family, backend, opts in (
-        ("pubmed", "publication_search", "pubmed", {"retmax": 3000}),
+        ("pubmed", "publication_search", "pubmed", {"top_k": 3000}),
         ("ctgov", "trial_search", "ctgov", {"top_k": 3000}),
     ):
         _variants(
