@@ -141,9 +141,25 @@ class PendingBatch:
         return results
 
 
+_COUNTS = (
+    "samples",
+    "invalid",
+    "searches",
+    "cache_hits",
+    "shared_inflight",
+    "pool_retries",
+    "timeouts",
+    "backend_errors",
+    "query_rejected",
+    "replay_misses",
+    "batch_timeouts",
+    "reward_errors",
+)
+
+
 class _Stats:
     def __init__(self):
-        self.counts: collections.Counter = collections.Counter()
+        self.counts: collections.Counter = collections.Counter(dict.fromkeys(_COUNTS, 0))
         self.latencies: list[float] = []
         self.rewards: list[float] = []
 
@@ -273,7 +289,7 @@ class RewardPool:
 
     def _http_counts(self) -> dict[str, int]:
         """Sums of the backends' HTTP counters (backends without `counters` add nothing)."""
-        out: collections.Counter = collections.Counter()
+        out = collections.Counter(dict.fromkeys(["http_requests", "http_retries", "http_429"], 0))
         for backend in self.backends.values():
             c = getattr(backend, "counters", None)
             if c is None:
