@@ -11,7 +11,7 @@ Invariants:
   (`<step>.orbax-checkpoint-tmp-*`) into place and the step contains orbax's commit marker
   (`commit_success.txt`). Only finalised steps are listed, restored or counted as latest, so a
   crash mid-save never leaves a corrupt "latest" checkpoint; leftover temporary directories are
-  deleted when a manager is opened.
+  deleted in the background once a manager is opened (finished by `wait_until_finished`).
 - Keeps the last `max_to_keep` finalised steps. How often to save is the caller's decision.
 - Multi-host: every process calls `save` and `restore`; orbax writes shared files from the
   primary process only.
@@ -231,11 +231,18 @@ class CheckpointManager:
         return state, dict(metadata or {})
 
     def wait_until_finished(self) -> None:
-        """Blocks until pending asynchronous saves are finalised."""
+        """Blocks until pending asynchronous saves (and the cleanup of leftover temporary
+        directories started on open) are finished."""
         self._manager.wait_until_finished()
+        # orbax deletes leftover temporary directories in the background and awaits that only
+        # in save(); await it here too so that close() leaves the directory settled.
+        await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+        if await_cleanup is not None:
+            await_cleanup()
 
     def close(self) -> None:
         """Waits for pending saves and releases orbax's resources."""
+        self.wait_until_finished()
         self._manager.close()
 
     def __enter__(self) -> CheckpointManager:
