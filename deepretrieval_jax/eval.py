@@ -96,17 +96,25 @@ def example_metrics(
     return out
 
 
+async def _gold_rows(backend, label, opts):
+    """Rows of the gold SQL (the backend's cached `gold` when it has one); a failing gold query
+    is bad data, not the policy's fault."""
+    if not isinstance(label, str):
+        return label
+    if hasattr(backend, "gold"):
+        return await backend.gold(label, **opts)
+    try:
+        return await backend.search(label, **opts)
+    except QueryRejected as e:
+        raise BackendError(f"gold SQL failed: {e}", retryable=False) from None
+
+
 async def _run_one(spec, backend, ex, query, opts, passages, sem) -> EvalRecord:
     async with sem:
         try:
             results = await backend.search(query, **opts)
             if spec.family == "sql":
-                gold = (
-                    await backend.search(ex.label, **opts)
-                    if isinstance(ex.label, str)
-                    else ex.label
-                )
-                results = (results, gold)
+                results = (results, await _gold_rows(backend, ex.label, opts))
             metrics = example_metrics(spec, results, ex.label, passages)
         except QueryRejected as e:
             zeros = dict.fromkeys(spec.eval_metrics, 0.0)
@@ -314,3 +322,163 @@ def write_report(report: EvalReport, out_dir: str | os.PathLike) -> dict[str, Pa
     paths["md"].write_text(markdown_table(report))
     plot_histograms(report, paths["png"])
     return paths
+
+
+# --- Policy decoding ----------------------------------------------------------------------------
+
+
+def policy_generate_fn(
+    model_config,
+    params,
+    tokenizer,
+    decode: DecodeSpec,
+    *,
+    batch_size: int = 16,
+    prompt_buckets: Sequence[int] = (128, 256, 512),
+    mesh=None,
+) -> GenerateFn:
+    """A `GenerateFn` decoding with the project's jitted sampler (greedy when temperature 0).
+
+    Batches of `batch_size` prompts are left-padded to a bucket; batch i draws its key from
+    `jax.random.fold_in(key(decode.seed), i)`, so a run is reproducible from the recorded seed.
+    """
+    import jax
+    import numpy as np
+
+    from deepretrieval_jax import sampler as sampler_lib
+
+    greedy = decode.temperature == 0
+    config = sampler_lib.SamplingConfig(
+        method="greedy" if greedy else "sample",
+        temperature=1.0 if greedy else decode.temperature,
+        top_k=decode.top_k,
+        top_p=decode.top_p,
+        max_new_tokens=decode.max_new_tokens,
+        eos_ids=tuple(tokenizer.eos_ids),
+        pad_id=tokenizer.pad_id,
+    )
+    sampler = sampler_lib.Sampler(
+        sampler_lib.causal_lm_fns(model_config), config, mesh=mesh, prompt_buckets=prompt_buckets
+    )
+    key = jax.random.key(decode.seed)
+
+    def generate(prompts: list[str]) -> list[str]:
+        out: list[str] = []
+        for i in range(0, len(prompts), batch_size):
+            tokens, mask = tokenizer.encode_batch(prompts[i : i + batch_size], prompt_buckets)
+            res = sampler(params, tokens, mask, jax.random.fold_in(key, i // batch_size))
+            rows, lengths = np.asarray(res.tokens_BnxL), np.asarray(res.lengths_Bn)
+            out += [
+                tokenizer.decode(r[:n], skip_special_tokens=True)
+                for r, n in zip(rows, lengths, strict=True)
+            ]
+        return out
+
+    return generate
+
+
+# --- Config-driven run (launch/eval.py) ---------------------------------------------------------
+
+
+def make_backend(spec: TaskSpec, data_dir: Path | None, index_overrides: Mapping | None = None):
+    """The task's search backend. BM25 indexes `<data_dir>/<corpus>` (or the downloaded BEIR
+    corpus) with the task's k1/b unless `index_overrides` change them."""
+    opts = {**spec.index_opts(), **(index_overrides or {})}
+    if spec.backend == "bm25":
+        from deepretrieval_jax.data.download import beir_dataset_dir
+        from deepretrieval_jax.search.bm25 import BM25Backend, BM25Config, BM25Index
+
+        local = data_dir / spec.corpus if data_dir is not None else None
+        corpus = beir_dataset_dir(spec.corpus, local if local and local.exists() else None)
+        config = BM25Config(k1=opts["k1"], b=opts["b"])
+        return BM25Backend(BM25Index.from_beir(str(corpus), config))
+    if spec.backend == "pubmed":
+        from deepretrieval_jax.search.pubmed import PubMedBackend
+
+        return PubMedBackend()
+    if spec.backend == "ctgov":
+        from deepretrieval_jax.search.ctgov import CTGovBackend
+
+        return CTGovBackend()
+    if spec.backend == "sql":
+        from deepretrieval_jax.search.sql import SQLBackend, SQLConfig
+
+        root = str(data_dir / spec.corpus) if data_dir is not None else None
+        return SQLBackend(
+            SQLConfig(db_root=root, timeout_s=opts["timeout_s"], max_rows=opts["max_rows"])
+        )
+    raise NotImplementedError(f"task {spec.name}: no evaluation backend for {spec.backend!r} yet")
+
+
+def _policy(cfg, spec: TaskSpec, decode: DecodeSpec):
+    """(generate_fn, tokenizer) for the policy in config.eval.checkpoint_dir or model.hf_path."""
+    import jax
+    from flax import linen as nn
+
+    from deepretrieval_jax import checkpoint, models, sharding
+    from deepretrieval_jax.rl import setup
+
+    model_cfg = setup.model_config(cfg)
+    tokenizer = setup.load_tokenizer(cfg, model_cfg)
+    mesh, rules = sharding.make_mesh(cfg.mesh), sharding.SAMPLER_RULES
+    module = models.CausalLM(model_cfg)
+    if cfg.eval.checkpoint_dir:
+        shardings = sharding.param_shardings(module, mesh, rules)
+        abstract = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            nn.meta.unbox(sharding.abstract_params(module)),
+            shardings,
+        )
+        step = None if cfg.eval.step < 0 else cfg.eval.step
+        params = checkpoint.restore_params(
+            cfg.eval.checkpoint_dir, abstract, step, key=cfg.eval.checkpoint_key or None
+        )
+    else:
+        params = setup.load_policy_params(cfg, module, mesh, rules, jax.random.key(cfg.seed))
+    generate = policy_generate_fn(
+        model_cfg, params, tokenizer, decode, batch_size=cfg.eval.batch_size,
+        prompt_buckets=tuple(cfg.data.prompt_buckets), mesh=mesh,
+    )  # fmt: skip
+    return generate, tokenizer
+
+
+def run(cfg, workdir: str | os.PathLike) -> EvalReport:
+    """Evaluates `config.eval.method` on `config.eval.split` of `config.data.task`; writes the
+    JSON, markdown and PNG report under `workdir/eval/` and returns it."""
+    from absl import logging
+
+    from deepretrieval_jax.config import resolve_data_dir
+    from deepretrieval_jax.data.tasks import get_task
+    from deepretrieval_jax.rl import setup
+
+    e = cfg.eval
+    spec = get_task(cfg.data.task)
+    data_dir = resolve_data_dir(cfg.data.data_dir)
+    examples = list(setup.load_examples(cfg, spec, e.split))
+    if e.num_examples > 0:
+        examples = examples[: e.num_examples]
+    index_overrides = {k: v for k, v in cfg.reward.search_opts.items() if k in spec.index_opts()}
+    search_opts = {k: v for k, v in cfg.reward.search_opts.items() if k not in spec.index_opts()}
+    backend = make_backend(spec, data_dir, index_overrides)
+    decode = DecodeSpec(e.temperature, e.top_p, e.top_k, e.seed, cfg.sampling.max_new_tokens)
+    kwargs: dict[str, Any] = {}
+    if spec.family == "evidence":  # answer matching reads the passages' texts
+        from deepretrieval_jax.data.converters import iter_beir_corpus
+
+        corpus = data_dir / spec.corpus / "corpus.jsonl"
+        kwargs["passages"] = {i: text for i, _, text in iter_beir_corpus(corpus)}
+    if e.method == "policy":
+        kwargs["generate_fn"], kwargs["tokenizer"] = _policy(cfg, spec, decode)
+    logging.info(
+        "Evaluating %s on %s/%s (%d examples)", e.method, spec.name, e.split, len(examples)
+    )
+    report = evaluate(
+        spec, examples, backend, split=e.split, method=e.method, decode=decode,
+        max_prompt_tokens=cfg.data.max_prompt_len, length_policy=e.length_policy,
+        search_opts=search_opts, concurrency=e.concurrency, **kwargs,
+    )  # fmt: skip
+    if index_overrides:
+        report.settings["index_opts"] = {**spec.index_opts(), **index_overrides}
+    paths = write_report(report, Path(workdir) / "eval")
+    logging.info("Report: %s\n%s", paths["json"], markdown_table(report))
+    return report

@@ -33,9 +33,9 @@ FAMILIES = (
 VARIANTS = ("reasoning", "no_reasoning")
 INPUT_FORMATS = ("text", "pico", "sql")
 PICO_KEYS = ("P", "I", "C", "O")
-# Backend options fixed when the index is built (BM25 parameters, dense encoder); the rest of
-# `TaskSpec.backend_opts` (top_k, ...) are passed to every `search` call.
-INDEX_OPTS = ("k1", "b", "model")
+# Backend options fixed when the backend is built (BM25 parameters, dense encoder, SQL limits);
+# the rest of `TaskSpec.backend_opts` (top_k, ...) are passed to every `search` call.
+INDEX_OPTS = ("k1", "b", "model", "timeout_s", "max_rows")
 
 
 @dataclasses.dataclass(frozen=True)
