@@ -354,3 +354,61 @@ def test_cache_keys():
     assert cache_key("pubmed", "a AND b", {"x": 1}) != cache_key("pubmed", "a and b", {"x": 1})
     assert cache_key("pubmed", "q", {"x": 1}) != cache_key("pubmed", "q", {"x": 2})
     assert cache_key("pubmed", "q", {}) != cache_key("ctgov", "q", {})
+
+
+def test_sql_tasks_through_the_pool_with_replay(tmp_path):
+    import sqlite3
+
+    from deepretrieval_jax.search.sql import SQLBackend
+
+    db = str(tmp_path / "shop.sqlite")
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE items (name TEXT, price REAL)")
+        conn.executemany("INSERT INTO items VALUES (?, ?)", [("a", 1.5), ("b", 2.0), ("c", 2.0)])
+
+    def sql_request(task, sql, gold="SELECT name FROM items WHERE price = 2.0"):
+        completion = f'<think>t</think><answer>{{"sql": "{sql}"}}</answer>'
+        return RewardRequest(task, completion, gold, {"db_path": db})
+
+    batch = [
+        sql_request("bird", "SELECT name FROM items WHERE price > 1.9 ORDER BY name DESC"),
+        sql_request("bird", "SELECT name FROM items"),
+        sql_request("spider", "SELECT name FROM items"),
+        sql_request("spider", "SELECT nme FROM items"),  # execution error
+        sql_request("bird", "DELETE FROM items"),  # denied: read-only
+        sql_request("bird", "SELECT 1", gold="SELECT missing FROM items"),  # broken gold
+    ]
+    tasks = make_tasks({"bird": None, "spider": None})
+    cache = dict(cache_path=str(tmp_path / "sql.sqlite"), max_invalid_fraction=1.0)
+    with RewardPool({"sql": SQLBackend()}, tasks, PoolConfig(cache_mode="record", **cache)) as p:
+        live = p.score(batch)
+    assert [r.reward for r in live] == pytest.approx([1.1, 0.4, 0.0, 0.0, 0.0, 0.0])
+    assert [r.bucket for r in live] == ["match", "mismatch", "mismatch"] + ["exec_error"] * 2 + [
+        "invalid"
+    ]
+    assert "gold SQL failed" in live[-1].error
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM items").fetchone() == (3,)
+    with RewardPool({"sql": SQLBackend()}, tasks, PoolConfig(cache_mode="replay", **cache)) as p:
+        replayed = p.score(batch)
+    assert replayed[:-1] == live[:-1] and not replayed[-1].valid  # failures are never cached
+
+
+def test_evidence_task_through_the_pool_with_bm25():
+    from deepretrieval_jax.search.bm25 import BM25Backend, BM25Index
+
+    passages = {
+        "p1": "The Louvre is a museum in Paris.",
+        "p2": "Mount Everest is the highest mountain on Earth.",
+        "p3": "The Eiffel Tower was designed by Gustave Eiffel's company.",
+    }
+    index = BM25Index.build(passages.items())
+    tasks = make_tasks({"nq": {"backend": "bm25"}}, passages=passages)
+    completion = '<think>t</think><answer>{"query": "highest mountain Earth"}</answer>'
+    miss = completion.replace("highest mountain Earth", "museum Paris")
+    with RewardPool({"bm25": BM25Backend(index)}, tasks) as pool:
+        hit, nohit = pool.score(
+            [RewardRequest("nq", completion, ["Everest"]), RewardRequest("nq", miss, ["Everest"])]
+        )
+    assert (hit.reward, hit.metrics["rank"], hit.bucket) == (6.0, 1.0, "<=5")
+    assert (nohit.reward, nohit.bucket) == (1.0 - 3.5, "else")

@@ -203,7 +203,11 @@ class RewardPool:
             target=self._loop.run_forever, name="reward-pool", daemon=True
         )
         self._thread.start()
-        self._call(self._open())
+        try:
+            self._call(self._open())
+        except BaseException:
+            self.close()
+            raise
         return self
 
     async def _open(self):
@@ -345,6 +349,8 @@ class RewardPool:
                 outcome = await task.retrieve(parsed.value, req.label, opts, search)
             except (QueryRejected, BackendError) as exc:
                 outcome = exc
+            if task.grade_in_thread:
+                return await asyncio.to_thread(task.finish, parsed, req.label, outcome)
             return task.finish(parsed, req.label, outcome)
         except asyncio.CancelledError:
             raise

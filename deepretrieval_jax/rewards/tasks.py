@@ -169,9 +169,9 @@ class TaskReward(abc.ABC):
 
     answer_key = "query"
     config_cls: type[TaskConfig] = TaskConfig
-    payload_is_format = (
-        False  # True: a broken payload costs format_bad, not format_ok + answer_bad.
-    )
+    # True: a broken payload costs format_bad instead of format_ok + answer_bad.
+    payload_is_format = False
+    grade_in_thread = False  # True: grading is CPU-heavy; the pool runs it off its event loop.
 
     def __init__(self, name: str, config: TaskConfig):
         self.name, self.config = name, config
@@ -255,6 +255,7 @@ class EvidenceTask(TaskReward):
     """
 
     hits_at = (1, 5, 20, 50, 100)
+    grade_in_thread = True  # Tokenising up to k passages.
 
     def __init__(self, name, config, passages: Mapping[Any, str] | None = None):
         super().__init__(name, config)
