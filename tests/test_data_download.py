@@ -1,0 +1,138 @@
+"""Downloader against a local HTTP server on 127.0.0.1 (no network): checksums, cache, resume."""
+
+import hashlib
+import http.server
+import io
+import json
+import threading
+import zipfile
+from functools import partial
+
+import pytest
+
+from deepretrieval_jax.data import download
+
+
+class RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files, honouring `Range: bytes=N-` with 206 (enough to test resuming)."""
+
+    requests: list = []
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        RangeHandler.requests.append((self.path, self.headers.get("Range")))
+        path = self.translate_path(self.path)
+        try:
+            data = open(path, "rb").read()
+        except OSError:
+            self.send_error(404)
+            return
+        start = 0
+        if self.headers.get("Range", "").startswith("bytes="):
+            start = int(self.headers["Range"][6:].split("-")[0])
+            if start >= len(data):
+                self.send_error(416)
+                return
+            self.send_response(206)
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        self.wfile.write(data[start:])
+
+
+@pytest.fixture()
+def server(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    RangeHandler.requests = []
+    httpd = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), partial(RangeHandler, directory=str(root))
+    )
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    thread.join()
+    httpd.server_close()
+
+
+def beir_zip(name="tiny"):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr(
+            f"{name}/corpus.jsonl", json.dumps({"_id": "d1", "title": "", "text": "x"}) + "\n"
+        )
+        zf.writestr(f"{name}/queries.jsonl", json.dumps({"_id": "q1", "text": "x"}) + "\n")
+        zf.writestr(f"{name}/qrels/test.tsv", "query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    return buf.getvalue()
+
+
+def test_download_verifies_and_caches(server, tmp_path):
+    root, url = server
+    data = beir_zip()
+    (root / "tiny.zip").write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    cache = tmp_path / "cache"
+    path = download.download(f"{url}/tiny.zip", digest, cache=cache)
+    assert path == cache / "tiny.zip" and path.read_bytes() == data
+    assert download.download(f"{url}/tiny.zip", digest, cache=cache) == path
+    assert len(RangeHandler.requests) == 1  # the second call was served from the cache
+
+
+def test_checksum_mismatch_leaves_nothing_in_cache(server, tmp_path):
+    root, url = server
+    (root / "tiny.zip").write_bytes(beir_zip())
+    cache = tmp_path / "cache"
+    with pytest.raises(
+        download.ChecksumError, match=r"tiny.zip: sha256 mismatch: expected 0+, got"
+    ):
+        download.download(f"{url}/tiny.zip", "0" * 64, cache=cache)
+    assert list(cache.iterdir()) == []
+
+
+def test_resume_from_partial_file(server, tmp_path):
+    root, url = server
+    data = bytes(range(256)) * 50
+    (root / "blob.bin").write_bytes(data)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "blob.bin.part").write_bytes(data[:1000])
+    path = download.download(f"{url}/blob.bin", hashlib.sha256(data).hexdigest(), cache=cache)
+    assert path.read_bytes() == data
+    assert RangeHandler.requests == [("/blob.bin", "bytes=1000-")]
+    assert not (cache / "blob.bin.part").exists()
+
+
+def test_http_error_is_clear(server, tmp_path):
+    _, url = server
+    with pytest.raises(OSError, match="HTTP 404"):
+        download.download(f"{url}/missing.zip", None, cache=tmp_path)
+
+
+def test_beir_dataset_dir_explicit_env_and_download(server, tmp_path, monkeypatch):
+    root, url = server
+    data = beir_zip("tiny")
+    (root / "tiny.zip").write_bytes(data)
+    monkeypatch.delenv("DEEPRETRIEVAL_DATA_DIR", raising=False)
+    cache = tmp_path / "cache"
+    got = download.beir_dataset_dir(
+        "tiny", url=f"{url}/tiny.zip", sha256=hashlib.sha256(data).hexdigest(), cache=cache
+    )
+    assert got == cache / "beir" / "tiny" / "tiny" and (got / "qrels" / "test.tsv").exists()
+    assert download.beir_dataset_dir("tiny", got) == got  # explicit directory
+    monkeypatch.setenv("DEEPRETRIEVAL_DATA_DIR", str(cache / "beir" / "tiny"))
+    assert download.beir_dataset_dir("tiny") == got  # $DEEPRETRIEVAL_DATA_DIR/<name>
+    with pytest.raises(FileNotFoundError, match="not a BEIR directory"):
+        download.beir_dataset_dir("tiny", tmp_path)
+
+
+def test_unsafe_zip_member_is_refused(tmp_path):
+    path = tmp_path / "evil.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("../escape.txt", "x")
+    with pytest.raises(ValueError, match="unsafe member"):
+        download.extract_zip(path, tmp_path / "out")
+    assert not (tmp_path / "escape.txt").exists()
