@@ -1,0 +1,267 @@
+"""Run setup shared by SFT and PPO: model config, tokenizer, task data, initial params.
+
+Everything here turns one piece of an experiment ConfigDict into the objects the loops use,
+and raises one clear error naming the config field when the config cannot work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import linen as nn
+
+from deepretrieval_jax import checkpoint, models, sharding
+from deepretrieval_jax.config import as_dict, resolve_data_dir
+from deepretrieval_jax.data import tasks as tasks_lib
+from deepretrieval_jax.data.records import Example
+from deepretrieval_jax.tokenizer import Tokenizer
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def model_config(cfg) -> models.ModelConfig:
+    """`config.model.preset` with `config.model.overrides` applied."""
+    try:
+        return models.ModelConfig.preset(cfg.model.preset, **as_dict(cfg.model.overrides))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config.model: {e}") from e
+
+
+def load_tokenizer(cfg, model_cfg: models.ModelConfig | None) -> Tokenizer:
+    """ "qwen2.5" builds the offline tokenizer; "" uses model.hf_path; else a tokenizer dir."""
+    name = cfg.tokenizer.name or cfg.model.hf_path
+    if not name:
+        raise ValueError("config.tokenizer.name and config.model.hf_path are both empty")
+    tok = Tokenizer.qwen25() if name == "qwen2.5" else Tokenizer.from_dir(name)
+    if model_cfg is not None and tok.vocab_size > model_cfg.vocab_size:
+        raise ValueError(
+            f"config.model: vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's "
+            f"{tok.vocab_size} ids"
+        )
+    return tok
+
+
+def task_spec(cfg) -> tasks_lib.TaskSpec:
+    return tasks_lib.get_task(cfg.data.task)
+
+
+class ExampleList(Sequence):
+    """A random-access list of examples with a short repr (grain stores the source's repr)."""
+
+    def __init__(self, examples: Sequence[Example], name: str):
+        self._examples, self._name = list(examples), name
+
+    def __len__(self):
+        return len(self._examples)
+
+    def __getitem__(self, i):
+        return self._examples[i]
+
+    def __repr__(self):
+        return f"ExampleList({self._name}, n={len(self._examples)})"
+
+
+def load_examples(cfg, spec: tasks_lib.TaskSpec, split: str) -> ExampleList:
+    """A split of the task: BEIR layout (`<data_dir>/<dataset>/`) or a built TFDS dataset."""
+    data_dir = resolve_data_dir(cfg.data.data_dir)
+    beir_dir = data_dir / spec.dataset
+    if (beir_dir / "queries.jsonl").exists():
+        from deepretrieval_jax.data.converters import read_beir
+
+        examples = read_beir(beir_dir, split)
+    else:
+        from deepretrieval_jax.data.tfds_builder import load_split
+
+        examples = load_split(data_dir, spec.dataset, split)
+        examples = [examples[i] for i in range(len(examples))]
+    if not examples:
+        raise ValueError(f"config.data: split {split!r} of {spec.dataset} in {data_dir} is empty")
+    return ExampleList(examples, f"{spec.dataset}/{split}")
+
+
+def init_params(module: nn.Module, mesh, rules, rng) -> dict:
+    """Random params created directly in their shardings."""
+    return sharding.init_sharded(module, mesh, rules, rng)
+
+
+def load_policy_params(cfg, module: nn.Module, mesh, rules, rng) -> dict:
+    """The policy's starting params: an SFT checkpoint, a HF checkpoint, or random init.
+
+    `config.model.init_checkpoint` is a CheckpointManager directory whose state holds the
+    params under "params" (what `rl.sft` writes).
+    """
+    shardings = sharding.param_shardings(module, mesh, rules)
+    if cfg.model.init_checkpoint:
+        path = Path(cfg.model.init_checkpoint).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"config.model.init_checkpoint: {path} is not a directory")
+        abstract = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            nn.meta.unbox(sharding.abstract_params(module)),
+            shardings,
+        )
+        logging.info("Policy params from checkpoint %s", path)
+        return checkpoint.restore_params(path, abstract, key="params")
+    if cfg.model.hf_path:
+        from deepretrieval_jax import hf_io  # noqa: PLC0415  (heavy: torch-free safetensors)
+
+        logging.info("Policy params from HF checkpoint %s", cfg.model.hf_path)
+        return hf_io.load_params(cfg.model.hf_path, module.config, shardings=shardings)
+    logging.info("Policy params: random init (seed %d)", cfg.seed)
+    return init_params(module, mesh, rules, rng)
+
+
+def global_batch(local_arrays, mesh, rules):
+    """Host-local [B_local, ...] numpy arrays -> global jax.Arrays sharded over the batch axes."""
+
+    def one(x):
+        sh = sharding.batch_sharding(mesh, rules, ndim=x.ndim)
+        return jax.make_array_from_process_local_data(sh, x)
+
+    return jax.tree.map(one, local_arrays)
+
+
+def param_count(params) -> int:
+    return int(sum(jnp.size(x) for x in jax.tree.leaves(params)))
+
+
+class ShardedSampler:
+    """Endless per-host batches of indices into a dataset of `n` items, resumable exactly.
+
+    Epoch e is the permutation `default_rng([seed, e]).permutation(n)` truncated to a multiple
+    of the global batch; global batch b covers positions [b*G, (b+1)*G) of it and process p takes
+    the p-th contiguous slice of that batch. State is {"epoch", "batch"} (JSON-able): the
+    next batch to return.
+    """
+
+    def __init__(self, n: int, global_batch: int, seed: int, process_index=0, process_count=1):
+        if global_batch % process_count:
+            raise ValueError(
+                f"global batch {global_batch} does not divide over {process_count} processes"
+            )
+        if n < global_batch:
+            raise ValueError(
+                f"dataset of {n} items is smaller than one global batch ({global_batch})"
+            )
+        self.n, self.global_batch, self.seed = n, global_batch, seed
+        self.local = global_batch // process_count
+        self.offset = process_index * self.local
+        self.per_epoch = n // global_batch
+        self.epoch, self.batch = 0, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        start = self.batch * self.global_batch + self.offset
+        idx = perm[start : start + self.local]
+        self.batch += 1
+        if self.batch == self.per_epoch:
+            self.epoch, self.batch = self.epoch + 1, 0
+        return idx
+
+    def get_state(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def set_state(self, state: dict) -> None:
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+
+class VocabMap:
+    """A compact model vocabulary over the token ids a task's texts use (the CPU demo's trick).
+
+    A small model over Qwen2.5's 151,665 ids spends nearly all its time in the LM head; with
+    `config.model.compact_vocab` the model instead sees ids 0..n-1 of the sorted tokenizer ids
+    that occur in the task's prompts and teacher completions (plus every end/pad id). Ids
+    outside the set map to the pad id's slot. Deterministic given the data, so SFT and PPO
+    (and a resumed run) rebuild the same map.
+    """
+
+    def __init__(self, tokenizer_ids):
+        self.ids = np.unique(np.asarray(list(tokenizer_ids), np.int64))
+        self._lookup = {int(t): i for i, t in enumerate(self.ids)}
+        self.unk = 0
+
+    def __len__(self):
+        return len(self.ids)
+
+    def model_vocab_size(self, multiple: int = 128) -> int:
+        return -(-len(self.ids) // multiple) * multiple
+
+    def to_model(self, ids):
+        arr = np.asarray(ids)
+        flat = np.fromiter((self._lookup.get(int(t), self.unk) for t in arr.ravel()), np.int32)
+        return flat.reshape(arr.shape)
+
+    def to_tokenizer(self, ids):
+        arr = np.asarray(ids)
+        return self.ids[np.clip(arr, 0, len(self.ids) - 1)].astype(np.int32)
+
+
+def build_vocab_map(tokenizer, texts) -> VocabMap:
+    """The compact vocabulary of `texts`, with pad and end ids first among equals."""
+    ids = {tokenizer.pad_id, *tokenizer.eos_ids}
+    for t in texts:
+        ids.update(tokenizer.encode(t))
+    vmap = VocabMap(ids)
+    vmap.unk = vmap._lookup[tokenizer.pad_id]
+    return vmap
+
+
+class Codec:
+    """Text <-> model token ids: the tokenizer, through a `VocabMap` when one is used."""
+
+    def __init__(self, tokenizer, vocab_map: VocabMap | None = None):
+        self.tokenizer, self.vocab_map = tokenizer, vocab_map
+        self.pad_id = self._to_model([tokenizer.pad_id])[0]
+        self.eos_ids = tuple(int(i) for i in self._to_model(list(tokenizer.eos_ids)))
+
+    def _to_model(self, ids):
+        return list(ids) if self.vocab_map is None else self.vocab_map.to_model(ids).tolist()
+
+    def encode(self, text: str) -> list[int]:
+        return self._to_model(self.tokenizer.encode(text))
+
+    def decode(self, ids) -> str:
+        ids = np.asarray(ids)
+        if self.vocab_map is not None:
+            ids = self.vocab_map.to_tokenizer(ids)
+        return self.tokenizer.decode(ids)
+
+
+def task_texts(cfg, spec, tokenizer) -> list[str]:
+    """Every prompt and teacher completion of the train and validation splits."""
+    from deepretrieval_jax.data import render
+    from deepretrieval_jax.rl.sft import teacher_completion
+
+    texts = []
+    for split in (cfg.data.train_split, cfg.data.val_split):
+        for ex in load_examples(cfg, spec, split):
+            texts.append(render.render_prompt(spec, ex.input, tokenizer))
+            texts.append(teacher_completion(spec, ex))
+    return texts
+
+
+def text_setup(cfg, texts=None):
+    """(task spec, model config, codec): the model's vocabulary follows the codec's."""
+    spec = task_spec(cfg)
+    model_cfg = model_config(cfg)
+    tokenizer = load_tokenizer(cfg, None if cfg.model.compact_vocab else model_cfg)
+    vmap = None
+    if cfg.model.compact_vocab:
+        vmap = build_vocab_map(
+            tokenizer, task_texts(cfg, spec, tokenizer) if texts is None else texts
+        )
+        model_cfg = model_cfg.replace(vocab_size=vmap.model_vocab_size())
+        logging.info(
+            "Compact vocabulary: %d tokenizer ids -> model vocab %d",
+            len(vmap),
+            model_cfg.vocab_size,
+        )
+    return spec, model_cfg, Codec(tokenizer, vmap)
