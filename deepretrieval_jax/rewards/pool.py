@@ -214,8 +214,9 @@ class RewardPool:
         for name in self.backends:
             limit = self.config.concurrency_per_backend.get(name, self.config.concurrency)
             self._sems[name] = asyncio.Semaphore(limit)
-        if self.cache.mode != CacheMode.REPLAY:
-            await asyncio.gather(*(b.open() for b in self.backends.values()))
+        # Opened in replay mode too: cache_params may need the opened index (no I/O happens:
+        # an HTTP session connects only on a request, and replay sends none).
+        await asyncio.gather(*(b.open() for b in self.backends.values()))
 
     def close(self) -> None:
         if self._loop is None:
