@@ -265,3 +265,12 @@ def restore_params(
             None when the saved state is the params tree itself.
     """
     return _restore_tree(_resolve(Path(directory).expanduser().absolute(), step), target, key)
+
+
+def saved_structure(directory: str | os.PathLike, step: int | None = None):
+    """The saved state of `step` (default: latest) as a tree of `jax.ShapeDtypeStruct`
+    (custom pytree nodes appear as dicts); reads metadata only."""
+    step_dir = _resolve(Path(directory).expanduser().absolute(), step)
+    return jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), _saved_tree(step_dir)
+    )

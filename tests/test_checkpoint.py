@@ -13,7 +13,12 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deepretrieval_jax.checkpoint import CheckpointError, CheckpointManager, restore_params
+from deepretrieval_jax.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    restore_params,
+    saved_structure,
+)
 
 
 def mesh(shape):
@@ -184,6 +189,9 @@ def test_restore_params_reads_one_subtree_onto_a_new_mesh(tmp_path):
     with CheckpointManager(tmp_path) as mgr:
         mgr.save(3, state)
     target = abstract(state["actor_params"], mesh((8, 1)), spec_first_axis)
+    structure = saved_structure(tmp_path)
+    assert sorted(structure) == ["actor_params", "opt_state", "step"]
+    assert structure["actor_params"]["embed"] == jax.ShapeDtypeStruct((16, 8), jnp.float32)
     params = restore_params(tmp_path, target, key="actor_params")
     assert_same_values(params, state["actor_params"])
     assert params["embed"].sharding == NamedSharding(mesh((8, 1)), P("data"))
