@@ -87,28 +87,45 @@ def sampling_config() -> ml_collections.ConfigDict:
 
 
 def ppo_config() -> ml_collections.ConfigDict:
-    """PPO hyper-parameters: the recipe of the original PubMed run (reference doc section 5)."""
+    """rl.state.PPOConfig fields: the recipe of the original PubMed run (reference section 5)."""
     return ml_collections.ConfigDict(
         dict(
-            prompts_per_step=64,  # global batch of prompts per PPO step; divisible by processes
-            mini_batch_size=16,  # sequences per optimiser update (global)
-            micro_batch_size=0,  # sequences per gradient-accumulation slice; 0 = mini_batch_size
-            epochs=1,  # passes over each rollout batch
-            actor_lr=1e-6,  # constant AdamW learning rate of the policy
-            critic_lr=1e-5,  # constant AdamW learning rate of the value model
-            b1=0.9,  # AdamW beta1
-            b2=0.999,  # AdamW beta2
-            weight_decay=0.01,  # AdamW decoupled weight decay
-            grad_clip=1.0,  # global-norm gradient clip (actor and critic separately)
-            gamma=1.0,  # GAE discount
+            advantage_estimator="gae",  # "gae" (critic) | "grpo" | "rloo" (need sampling.n > 1)
+            gamma=1.0,  # GAE discount per token
             lam=1.0,  # GAE lambda
-            whiten_advantages=True,  # normalise advantages over the batch's response tokens
-            clip_eps=0.2,  # policy ratio clip
-            value_clip=0.5,  # value-prediction clip around the rollout values
+            whiten_advantages=True,  # whiten GAE advantages over the batch's response tokens
+            grpo_normalize_std=True,  # GRPO: divide by the group std
+            grpo_eps=1e-6,  # GRPO: added to the group std
+            kl_in_reward=True,  # True: -kl_coef * KL per token in the reward (original)
+            kl_estimator="k1",  # in-reward estimator: k1 (logp - logp_ref, original), k2, k3
+            kl_coef=0.001,  # in-reward KL coefficient (fixed unless kl_adaptive)
+            kl_adaptive=False,  # adaptive KL controller (Ziegler et al.)
+            kl_target=6.0,  # adaptive: target per-token KL
+            kl_horizon=10000.0,  # adaptive: horizon in samples
+            kl_loss_coef=0.0,  # > 0: add kl_loss_coef * KL to the actor loss
+            kl_loss_estimator="low_var_kl",  # estimator of that loss term
+            clip_low=0.2,  # policy ratio clip below: 1 - clip_low
+            clip_high=0.2,  # policy ratio clip above: 1 + clip_high
+            dual_clip=ml_collections.config_dict.placeholder(float),  # dual clip c > 1, or None
+            loss_agg="token-mean",  # token-mean | seq-mean-token-mean | seq-mean-token-sum
             entropy_coef=0.001,  # entropy bonus weight
-            kl_coef=0.001,  # KL(actor || reference) per-token penalty weight
-            kl_in_reward=True,  # True: KL in the token reward (original); False: KL loss term
-            kl_estimator="k1",  # "k1" (logp - logp_ref, original), "k2", "k3"
+            value_clip=0.5,  # value clip around the rollout values
+            max_grad_norm=1.0,  # global-norm clip, actor and critic separately
+            actor_lr=1e-6,  # AdamW learning rate of the policy
+            critic_lr=1e-5,  # AdamW learning rate of the value model
+            lr_schedule="constant",  # "constant" | "cosine" (after warm-up)
+            warmup_steps=0,  # linear warm-up, in optimiser updates
+            total_steps=0,  # cosine: optimiser updates to reach min_lr_ratio * lr
+            min_lr_ratio=0.0,  # cosine floor
+            adam_b1=0.9,  # AdamW beta1
+            adam_b2=0.999,  # AdamW beta2
+            adam_eps=1e-8,  # AdamW epsilon
+            weight_decay=0.01,  # AdamW decoupled weight decay
+            ppo_epochs=1,  # passes over each rollout batch
+            mini_batch_size=16,  # rows (samples) per optimiser update; divides the rollout
+            micro_batch_size=0,  # rows per forward/backward slice; 0 = mini_batch_size
+            shuffle=True,  # permute rows into mini-batches each epoch
+            max_consecutive_skips=3,  # stop the run after this many non-finite steps in a row
         )
     )
 
@@ -142,11 +159,11 @@ def train_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
             num_steps=1250,  # PPO steps (each: sample -> reward -> advantages -> update)
+            prompts_per_step=64,  # global prompts per step; divisible by the process count
             val_every=50,  # greedy validation every N steps (0 = never; also runs at the end)
             checkpoint_every=50,  # orbax checkpoint every N steps (also at the end and SIGTERM)
             max_to_keep=3,  # checkpoints kept
             async_checkpoint=True,  # write checkpoints in the background
-            max_nonfinite_skips=3,  # stop after this many consecutive non-finite updates
             log_samples=4,  # completions logged as text at each validation
         )
     )

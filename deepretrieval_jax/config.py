@@ -77,12 +77,12 @@ class TrainConfig:
     checkpoint_every: int = 50  # checkpoint period in steps (0 = only at the end / SIGTERM)
     max_to_keep: int = 3  # checkpoints kept
     async_checkpoint: bool = True  # background checkpoint writes
-    max_nonfinite_skips: int = 3  # consecutive non-finite updates before the run stops
+    prompts_per_step: int = 64  # global prompts per PPO step
     log_samples: int = 4  # completions logged as text per validation
 
     def __post_init__(self):
         _positive("train", num_steps=self.num_steps, max_to_keep=self.max_to_keep)
-        _positive("train", max_nonfinite_skips=self.max_nonfinite_skips)
+        _positive("train", prompts_per_step=self.prompts_per_step)
         _non_negative("train", val_every=self.val_every, checkpoint_every=self.checkpoint_every)
         _non_negative("train", log_samples=self.log_samples)
 
@@ -140,21 +140,24 @@ def validate(cfg: Any, num_processes: int = 1) -> None:
     TrainConfig(**as_dict(cfg.train))
     SFTConfig(**as_dict(cfg.sft))
     DataConfig(**as_dict(cfg.data))
-    ppo = cfg.ppo
-    if ppo.prompts_per_step * cfg.sampling.n % ppo.mini_batch_size:
+    from deepretrieval_jax.rl.state import PPOConfig
+
+    ppo = to_dataclass(PPOConfig, cfg.ppo, "ppo")
+    prompts = cfg.train.prompts_per_step
+    rows = prompts * cfg.sampling.n
+    if rows % ppo.mini_batch_size:
         raise ValueError(
-            f"ppo.prompts_per_step * sampling.n ({ppo.prompts_per_step} * {cfg.sampling.n}) must "
-            f"be divisible by ppo.mini_batch_size ({ppo.mini_batch_size})"
+            f"train.prompts_per_step * sampling.n ({prompts} * {cfg.sampling.n}) must be "
+            f"divisible by ppo.mini_batch_size ({ppo.mini_batch_size})"
         )
-    if ppo.prompts_per_step % num_processes:
+    if prompts % num_processes:
         raise ValueError(
-            f"ppo.prompts_per_step ({ppo.prompts_per_step}) must be divisible by the number of "
+            f"train.prompts_per_step ({prompts}) must be divisible by the number of "
             f"processes ({num_processes}): each host samples an equal share"
         )
-    if ppo.micro_batch_size and ppo.mini_batch_size % ppo.micro_batch_size:
+    if ppo.advantage_estimator != "gae" and cfg.sampling.n < 2:
         raise ValueError(
-            f"ppo.mini_batch_size ({ppo.mini_batch_size}) must be divisible by "
-            f"ppo.micro_batch_size ({ppo.micro_batch_size})"
+            f"ppo.advantage_estimator={ppo.advantage_estimator!r} needs sampling.n >= 2"
         )
     if cfg.sampling.max_new_tokens <= 0:
         raise ValueError(

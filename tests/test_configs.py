@@ -42,8 +42,8 @@ def test_config_loads_and_validates(path):
 
 def test_demo_overrides_apply_and_unknown_fields_fail():
     demo = str(ROOT / "configs" / "demo.py")
-    cfg = _parse(f"--config={demo}", "--config.ppo.clip_eps=0.1", "--config.train.num_steps=7")
-    assert cfg.ppo.clip_eps == 0.1 and cfg.train.num_steps == 7
+    cfg = _parse(f"--config={demo}", "--config.ppo.clip_low=0.1", "--config.train.num_steps=7")
+    assert cfg.ppo.clip_low == 0.1 and cfg.train.num_steps == 7
     with pytest.raises(Exception, match="nonexistent"):
         _parse(f"--config={demo}", "--config.ppo.nonexistent=1")
     with pytest.raises(Exception, match="clip_epsilon"):
