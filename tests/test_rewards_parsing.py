@@ -72,6 +72,13 @@ def test_last_answer_wins_and_sql_key():
     assert parsed.ok and parsed.value == "SELECT * FROM t"
 
 
+def test_answer_opened_by_the_prompt():
+    parsed = parse_completion('{"query": "x"}\n</answer>', "<answer>\n", reasoning=False)
+    assert parsed.ok and parsed.value == "x"
+    parsed = parse_completion('<answer>{"query": "x"}</answer>', "<answer>\n", reasoning=False)
+    assert not parsed.tags_ok  # two opening tags
+
+
 def test_parse_reports_reason():
     parsed = parse_completion("no tags at all")
     assert (parsed.tags_ok, parsed.value, parsed.ok) == (False, None, False)

@@ -1,12 +1,13 @@
 """Parse a policy completion: tag format check and the JSON answer payload.
 
-Rules (reference doc sections 2 and 7.8), applied to the generated text only:
+Rules (reference doc sections 2 and 7.8), applied to the response only: `prompt_suffix +
+completion`, where `prompt_suffix` is the assistant prefix the prompt already supplied (for
+example "<think>\\n", or "<answer>\\n" in no-reasoning prompts). The rest of the prompt (whose
+instructions show example tags) is never looked at, and no "Assistant:" header is needed.
 
-- The answer is the LAST `<answer>...</answer>` span (DOTALL) of the completion.
-- Reasoning variants: `<think>`, `</think>`, `<answer>`, `</answer>` each occur exactly once,
-  in that order, counted over `prompt_suffix + completion`, where `prompt_suffix` is the
-  assistant prefix the prompt already supplied (for example "<think>\\n"). No "Assistant:"
-  header is needed.
+- The answer is the LAST `<answer>...</answer>` span (DOTALL) of the response.
+- Reasoning variants: `<think>`, `</think>`, `<answer>`, `</answer>` each occur exactly once
+  in the response, in that order.
 - No-reasoning variants: only `<answer>` and `</answer>` are checked (once each, in order).
 - The payload must be a JSON object whose `query` (or `sql`) value is a non-empty,
   non-whitespace string. A JSON list, string, number, null, a missing key, a non-string value or
@@ -113,7 +114,7 @@ def parse_completion(
     if not isinstance(completion, str) or not isinstance(prompt_suffix, str):
         return ParsedAnswer(False, None, "completion is not text")
     tags_ok = check_tags(completion, prompt_suffix, reasoning)
-    answer = last_answer_span(completion)
+    answer = last_answer_span(prompt_suffix + completion)
     if answer is None:
         return ParsedAnswer(tags_ok, None, "no <answer>...</answer> span")
     value, error = extract_payload(answer, key)
