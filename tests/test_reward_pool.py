@@ -120,7 +120,7 @@ def test_submit_returns_at_once_and_overlaps(servers):
         start = time.monotonic()
         pending = pool.submit([request(i) for i in range(8)])
         submit_s = time.monotonic() - start
-        assert submit_s < 0.05, submit_s  # far below the 0.5 s server latency
+        assert submit_s < 0.1, submit_s  # far below the 0.5 s server latency
         # The caller is free: requests reach the server before anyone calls result().
         assert server.first_request.wait(timeout=10)
         assert not pending.done()
