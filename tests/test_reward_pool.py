@@ -334,6 +334,8 @@ def test_user_errors_raise_clearly(tmp_path):
         RewardPool({"other": backend}, make_tasks({"pubmed": None}))
     with pytest.raises(ValueError, match="unknown field"):
         PoolConfig.from_dict({"concurency": 3})
+    sentinels = PoolConfig.from_dict({"retries": -1, "cache_path": ""})  # config-file values
+    assert (sentinels.retries, sentinels.cache_path) == (None, None)
     with pytest.raises(ValueError, match="cache mode must be one of"):
         ResultCache("replay_all")
     with pytest.raises(ValueError, match="no recorded cache file"):

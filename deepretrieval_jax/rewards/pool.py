@@ -22,7 +22,8 @@ Invariants:
   `batch_timeout_s` per batch: samples not finished by then are cancelled and marked invalid.
 - Pool retries: a `BackendError(retryable=True)` or a timeout is retried up to `retries` times
   (None: 0 for backends that expose HTTP `counters`, i.e. retry each request themselves, else 2)
-  after `retry_after` or exponential backoff with full jitter, outside the semaphore.
+  after `retry_after` or exponential backoff with full jitter, outside the semaphore; a
+  `retry_after` above `backoff_max_s` is not waited for (the sample is invalid).
 - Cache (rewards/cache.py): consulted before every search; policy rejections are cached,
   infrastructure failures never are. Replay mode never touches a backend.
 - Failure classes: a broken completion or `QueryRejected` -> the task's penalty (valid=True);
@@ -420,7 +421,8 @@ class RewardPool:
             except BackendError as exc:
                 self._count("backend_errors")
                 error = exc
-            if not error.retryable or attempt == retries:
+            too_long = error.retry_after is not None and error.retry_after > cfg.backoff_max_s
+            if not error.retryable or attempt == retries or too_long:
                 raise error
             delay = error.retry_after
             if delay is None:
