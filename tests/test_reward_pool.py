@@ -414,3 +414,26 @@ def test_evidence_task_through_the_pool_with_bm25():
         )
     assert (hit.reward, hit.metrics["rank"], hit.bucket) == (6.0, 1.0, "<=5")
     assert (nohit.reward, nohit.bucket) == (1.0 - 3.5, "else")
+
+
+def test_result_cache_modes_and_lru(tmp_path):
+    path = str(tmp_path / "c.sqlite")
+    rw = ResultCache("read_write", path, lru_size=2)
+    for i in range(3):
+        rw.put(f"k{i}", ("ok", [str(i), (i, "row")]), "b", f"q{i}", {"top_k": 3})
+    rw.put("bad", ("rejected", "too long"), "b", "x", {})
+    assert list(rw._lru) == ["k2", "bad"]  # LRU holds the 2 newest
+    assert rw.get("k0") == ("ok", ["0", [0, "row"]])  # evicted from memory, read from sqlite
+    rw.close()
+    assert len(ResultCache("read_write", path)) == 4  # committed by close()
+    record = ResultCache("record", path)
+    assert record.get("k1") is None  # record mode always asks the backend
+    record.put("k1", ("ok", ["new"]), "b", "q1", {})
+    assert record.get("k1") == ("ok", ["new"])  # ...but reuses what this run produced
+    record.close()
+    replay = ResultCache("replay", path)
+    assert replay.get("k1") == ("ok", ["new"]) and replay.get("bad") == ("rejected", "too long")
+    replay.put("k9", ("ok", []), "b", "q9", {})  # replay never writes
+    assert replay.get("k9") is None
+    off = ResultCache("off", path)
+    assert off.get("k1") is None and not off.enabled
