@@ -50,10 +50,10 @@ def test_bag_of_words_matches_hand_computed_lucene_bm25(k1, b):
         ("aspirin OR diabetes", {"d1", "d4", "d5"}),
         ("aspirin NOT stroke", {"d1"}),
         ("NOT aspirin", {"d2", "d3", "d5", "d6"}),
-        ('"heart attack"', {"d1"}),  # d3 has both words, never consecutive.
+        ('"heart attack" OR zebra', {"d1"}),  # d3 has both words, never consecutive.
         ('"heart attacks" OR "attacked heart"', {"d1"}),  # Phrases are stemmed too.
         ("heart attack AND aspirin", {"d1"}),  # Implicit AND.
-        ('"aspirin for stroke"', {"d4"}),  # Positions skip stopwords ("for").
+        ('"aspirin for stroke" OR zebra', {"d4"}),  # Positions skip stopwords ("for").
         ("(stroke OR diabetes) AND (aspirin OR insulin)", {"d4", "d5"}),
         ("heart AND (failure OR attack)", {"d1", "d2", "d3"}),
         ("heart AND NOT (failure OR aspirin)", {"d3"}),
@@ -81,8 +81,8 @@ def test_boolean_candidates_ranked_by_positive_terms(index):
 def test_default_operator_or(tmp_path, index):
     index.save(str(tmp_path / "idx"))
     or_index = BM25Index.load(str(tmp_path / "idx"), default_operator="OR")
-    assert set(or_index.search("(stroke diabetes)")) == {"d4", "d5"}
-    assert index.search("(stroke diabetes)") == []
+    assert set(or_index.search("(stroke diabetes) OR zebra")) == {"d4", "d5"}
+    assert index.search("(stroke diabetes) OR zebra") == []
     assert set(or_index.search("stroke diabetes AND insulin")) == {"d4", "d5"}
 
 
@@ -93,8 +93,8 @@ def test_default_operator_or(tmp_path, index):
         ("aspirin AND heart)", "unexpected"),
         ("aspirin AND", "right operand"),
         ("OR aspirin heart", "left operand"),
-        ('"aspirin heart', "unterminated"),
-        ("aspirin () heart", "empty parentheses"),
+        ('"aspirin AND heart', "unterminated"),
+        ("aspirin () AND heart", "empty parentheses"),
     ],
 )
 def test_malformed_boolean_falls_back_or_rejects(index, tmp_path, query, reason):
@@ -111,10 +111,13 @@ def test_parser_precedence():
     tree = qs.parse("a OR b c NOT d")
     assert tree == qs.Or((qs.Term("a"), qs.And((qs.Term("b"), qs.Term("c"), qs.Not(qs.Term("d"))))))
     assert not qs.is_boolean("aspirin[tiab] stroke, and or not") and qs.is_boolean("a NOT b")
+    assert not qs.is_boolean('Apolipoprotein E4 (APOE4) "allele"')
 
 
 def test_plain_text_is_bag_of_words_and_stopwords_only_is_empty(index):
     assert index.search("aspirin stroke")[0] == "d4"
+    # Parentheses and quotes without an operator: still bag-of-words.
+    assert index.search('(aspirin) "stroke"') == index.search("aspirin stroke")
     assert set(index.search("aspirin stroke")) == {"d1", "d4"}
     assert index.search("the of and") == []
     with pytest.raises(QueryRejected, match="empty"):

@@ -7,8 +7,9 @@ Invariants:
   tf part tf / (tf + k1 (1 - b + b dl / avgdl)), dl = analysed tokens after stopwords).
 - The index is built once, saved, and memory-mapped on load (`BM25Index.load(dir, mmap=True)`);
   it is read-only afterwards, so concurrent searches in threads are safe.
-- Query semantics (`search/query_syntax.py`): a query with no operators, parentheses or quotes
-  is bag-of-words BM25 over the whole corpus (documents with score 0 are not returned).
+- Query semantics (`search/query_syntax.py`): a query without an operator (AND, OR, NOT, upper
+  case) is bag-of-words BM25 over the whole corpus, parentheses and quotes ignored (documents
+  with score 0 are not returned).
   Otherwise the Boolean expression selects the candidate set (AND = intersection, OR = union,
   NOT = difference, phrase = the analysed terms consecutive in the analysed document,
   stopwords removed; a word that analyses to several tokens, e.g. "covid-19", is a phrase;
@@ -51,7 +52,7 @@ LUCENE_STOPWORDS = (
 class BM25Config:
     k1: float = 0.9
     b: float = 0.4
-    stopwords: str = "lucene"  # "lucene" (33 words), "en" (bm25s' list) or "none".
+    stopwords: str = "lucene"  # "lucene" (33 words), "en_plus" (bm25s' 179 words) or "none".
     stemmer: str | None = "english"  # PyStemmer algorithm; None for no stemming.
     token_pattern: str = r"(?u)\b\w+\b"
     default_operator: str = "AND"  # Between adjacent operands of a Boolean query.
@@ -60,8 +61,8 @@ class BM25Config:
     max_query_chars: int = 4000
 
     def __post_init__(self):
-        if self.stopwords not in ("lucene", "en", "none"):
-            raise ValueError(f"stopwords must be lucene|en|none, got {self.stopwords!r}")
+        if self.stopwords not in ("lucene", "en_plus", "none"):
+            raise ValueError(f"stopwords must be lucene|en_plus|none, got {self.stopwords!r}")
         if self.malformed not in ("fallback", "reject"):
             raise ValueError(f"malformed must be fallback|reject, got {self.malformed!r}")
         if self.default_operator not in ("AND", "OR"):
@@ -73,7 +74,7 @@ class Analyzer:
 
     def __init__(self, config: BM25Config):
         self.pattern = re.compile(config.token_pattern)
-        sw = {"lucene": LUCENE_STOPWORDS, "en": bm25s.stopwords.STOPWORDS_EN, "none": ()}
+        sw = {"lucene": LUCENE_STOPWORDS, "en_plus": bm25s.stopwords.STOPWORDS_EN_PLUS, "none": ()}
         self.stopwords = frozenset(sw[config.stopwords])
         self.stemmer = Stemmer.Stemmer(config.stemmer) if config.stemmer else None
         self._stems: dict[str, str] = {}

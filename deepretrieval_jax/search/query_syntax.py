@@ -9,6 +9,8 @@ Syntax (PubMed-like):
   most inflections.
 - Field tags in square brackets (`[MeSH]`, `[tiab]`, `[Title/Abstract]`, `[mh:noexp]`) are
   ignored: a local corpus has one text field.
+- A query is Boolean only when it contains an operator (`is_boolean`); otherwise it is
+  bag-of-words, whatever parentheses or quotes it holds.
 - Malformed input (unbalanced parentheses or quotes, an operator without an operand, empty
   parentheses) raises `MalformedQuery`; the BM25 backend then falls back to bag-of-words over
   `bag_of_words(query)` or rejects the query, as configured.
@@ -91,9 +93,12 @@ def tokenize(query: str) -> list[tuple[str, str]]:
 
 
 def is_boolean(query: str) -> bool:
-    """True when the query uses operators, parentheses or quotes (else it is bag-of-words)."""
-    if '"' in query or "(" in query or ")" in query:
-        return True
+    """True when the query uses an operator (AND, OR, NOT) outside field tags.
+
+    Parentheses and quotes alone do not make a query Boolean: natural text has parentheses
+    ("Apolipoprotein E4 (APOE4) allele"), and treating them as syntax would turn plain text
+    into a strict conjunction. Such a query is bag-of-words.
+    """
     return bool(_OPERATOR_WORD.search(_TAG.sub(" ", query)))
 
 
