@@ -132,8 +132,9 @@ def _max_in_window(times, window=1.0):
 
 
 def test_rate_limit_holds_across_concurrent_paged_searches():
-    # 15 searches x 2 pages at 20 requests/s (burst 1): requests are spaced >= 50 ms apart by
-    # the bucket, so any 1-second window holds at most 20; tolerance +1 for arrival jitter.
+    # 15 searches x 2 pages at 20 requests/s (burst 1): the bucket spaces sends >= 50 ms apart,
+    # so any 1-second window of sends holds at most 20. Server arrival times add jitter on a
+    # loaded machine; tolerance: 22 per window (an unthrottled client sends all 30 in ~50 ms).
     async def main():
         async with FakeEutils(total=20) as fake:
             pm = pubmed(fake, rate_per_s=20.0, page_size=10)
@@ -142,7 +143,7 @@ def test_rate_limit_holds_across_concurrent_paged_searches():
             assert all(len(r) == 20 for r in results)
             times = [r.t for r in fake.requests]
             assert len(times) == 30
-            assert _max_in_window(times) <= 21
+            assert _max_in_window(times) <= 22
             assert times[-1] - times[0] >= 29 / 20 * 0.9
         assert PubMedBackend(PubMedConfig()).http.bucket.interval == pytest.approx(1 / 3)
         assert PubMedBackend(PubMedConfig(api_key=KEY)).http.bucket.interval == pytest.approx(0.1)
