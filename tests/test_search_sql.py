@@ -106,7 +106,13 @@ def test_row_cap(db):
 
 def test_errors_are_rejections_and_config_errors_are_clear(db):
     backend = SQLBackend()
-    for bad in ["SELEC name FROM people", "SELECT nope FROM people", "SELECT * FROM missing"]:
+    too_big = "SELECT length(randomblob(50000000))"  # 50 MB > the 10 MB value cap.
+    for bad in [
+        "SELEC name FROM people",
+        "SELECT nope FROM people",
+        "SELECT * FROM missing",
+        too_big,
+    ]:
         with pytest.raises(QueryRejected, match="SQL error"):
             run(backend.search(bad, db_path=str(db)))
     with pytest.raises(QueryRejected, match="empty"):

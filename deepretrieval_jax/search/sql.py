@@ -5,7 +5,8 @@ Invariants:
   in a worker thread (`asyncio.to_thread`), so the event loop never blocks and concurrent
   queries share nothing. An authorizer allows only SELECT, column reads, functions and
   recursive CTEs: writes, DDL, ATTACH/DETACH, PRAGMA (any), transactions are denied. The
-  database file is never modified.
+  database file is never modified. Strings/blobs are capped at `max_value_bytes` and no
+  database can be attached (sqlite limits), so one query cannot exhaust memory that way.
 - Wall-clock limit `timeout_s` through the progress handler (checked every `progress_ops`
   VM instructions, covering both evaluation and fetching).
 - Failure policy (the policy wrote the SQL, so its failures are its fault):
@@ -53,6 +54,7 @@ class SQLConfig:
     max_rows: int = 10_000  # More rows -> SQLResultTooLarge.
     max_query_chars: int = 10_000
     progress_ops: int = 1000  # VM instructions between deadline checks.
+    max_value_bytes: int = 10_000_000  # Largest string/blob a query may build (memory guard).
 
 
 def _authorizer(action, arg1, arg2, db_name, trigger):
@@ -76,6 +78,8 @@ def execute(sql: str, db_path: str, config: SQLConfig) -> list[tuple]:
 
     try:
         conn.execute("PRAGMA query_only = ON")
+        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, config.max_value_bytes)
+        conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
         conn.set_authorizer(_authorizer)
         conn.set_progress_handler(progress, config.progress_ops)
         try:
