@@ -1,6 +1,7 @@
 """PubMed and ClinicalTrials.gov backends against real fake servers on 127.0.0.1."""
 
 import asyncio
+import random
 import time
 
 import pytest
@@ -8,7 +9,7 @@ from search_fakes import FakeCTGov, FakeEutils, Fault
 
 from deepretrieval_jax.search.base import BackendError, QueryRejected
 from deepretrieval_jax.search.ctgov import CTGovBackend, CTGovConfig
-from deepretrieval_jax.search.http import parse_retry_after
+from deepretrieval_jax.search.http import TokenBucket, parse_retry_after
 from deepretrieval_jax.search.pubmed import PubMedBackend, PubMedConfig
 
 FAST = dict(rate_per_s=1000.0, backoff_base_s=0.01, timeout_s=2.0)
@@ -181,6 +182,43 @@ def test_injection_term_arrives_verbatim_as_one_parameter():
                 await ct.search(term, top_k=3)
             assert [r.params["query.term"] for r in fake.requests] == INJECTIONS
             assert all(len(r.items) == 4 for r in fake.requests)
+
+    run(main())
+
+
+def test_fuzzed_terms_arrive_verbatim():
+    # 200 seeded random strings over URL metacharacters, controls and non-ASCII text.
+    rng = random.Random(0)
+    alphabet = list("&#=%+;?/ \n\r\t\\\"'()[]*:,.$@!~") + ["\x00", "é", "Ω", "中", "🧪", "a", "1"]
+    terms = ["".join(rng.choices(alphabet, k=rng.randint(1, 60))) for _ in range(200)]
+    terms = [t for t in terms if t.strip()]
+
+    async def main():
+        async with FakeEutils(total=1) as fake, pubmed(fake) as pm:
+            for term in terms:
+                await pm.search(term, top_k=1)
+            assert [r.params["term"] for r in fake.requests] == terms
+            assert {len(r.items) for r in fake.requests} == {6}
+            assert fake.violations == []
+
+    run(main())
+
+
+def test_token_bucket_spacing_burst_and_pause():
+    async def main():
+        loop = asyncio.get_running_loop()
+        bucket = TokenBucket(rate_per_s=50.0, burst=3)
+        times = []
+        for _ in range(6):
+            await bucket.acquire()
+            times.append(loop.time())
+        assert times[2] - times[0] < 0.03  # The burst of 3 goes at once (else >= 0.04) ...
+        for k in range(3, 6):  # ... then one every 20 ms, counted from the first.
+            assert times[k] - times[0] >= 0.02 * (k - 2) - 0.001, (k, times[k] - times[0])
+        bucket.pause(0.2)
+        start = loop.time()
+        await bucket.acquire()
+        assert loop.time() - start >= 0.19
 
     run(main())
 
