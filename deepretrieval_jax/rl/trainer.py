@@ -1,0 +1,427 @@
+"""The PPO run manager: the training loop, validation, checkpoints, preemption, metrics.
+
+One step (`_Run.step`):
+  1. sample the step's prompts (global batch, same on every host) with the jitted sampler;
+  2. decode this host's rows and submit them to the reward pool (returns at once);
+  3. while rewards are in flight: on device, assemble the RolloutBatch, recompute the actor's
+     log-probs, the reference log-probs and the critic's values (all dispatched asynchronously);
+  4. join the rewards, place the scores into the batch, dispatch `ppo_update` (state donated);
+  5. fetch and log the PREVIOUS step's device metrics (async dispatch hygiene), check
+     finiteness on the host and stop after `ppo.max_consecutive_skips` skipped steps in a row.
+
+Determinism and resume: the sampling key of step s is fold_in(key(seed), s); the data order is
+`setup.ShardedSampler` (state in the checkpoint metadata); mini-batch shuffling uses the
+TrainState's rng; local BM25 (or the reward cache in replay mode) is deterministic. So a run
+killed and resumed from its last checkpoint reproduces the uninterrupted run bit for bit on CPU.
+Checkpoints: every `train.checkpoint_every` steps, at the end, and on SIGTERM (preemption: the
+step in progress finishes, then every host saves and the run returns `preempted=True`).
+Only process 0 writes logs; all processes join checkpoints and reward metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from deepretrieval_jax import checkpoint, metrics, models, sharding
+from deepretrieval_jax.config import TrainConfig, resolve_data_dir, to_dataclass, validate
+from deepretrieval_jax.data import render
+from deepretrieval_jax.rewards.pool import PoolConfig, RewardPool
+from deepretrieval_jax.rewards.tasks import make_task
+from deepretrieval_jax.rl import rollout, setup
+from deepretrieval_jax.rl.state import PPOConfig, init_train_state
+from deepretrieval_jax.rl.update import make_jitted
+from deepretrieval_jax.sampler import Sampler, SamplingConfig, causal_lm_fns
+
+
+class NonFiniteError(FloatingPointError):
+    """Too many consecutive PPO steps were skipped for non-finite values."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int  # last completed step
+    preempted: bool  # stopped by SIGTERM after checkpointing
+    state: object  # the final TrainState
+    last_metrics: dict
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop checkpoints and returns at the end of the current step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler (tests calling from threads)
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def any_process(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.array([int(self.requested)], np.int32))
+        return bool(np.any(flags))
+
+
+def _prompts(spec, examples, tokenizer, max_len: int, what: str):
+    prompts, stats = render.prepare_prompts(spec, examples, tokenizer, max_len, "drop")
+    if not prompts:
+        raise ValueError(f"config.data.max_prompt_len={max_len}: every {what} prompt is too long")
+    if stats.dropped:
+        logging.warning("%s: dropped %d of %d over-long prompts", what, stats.dropped, stats.total)
+    return prompts
+
+
+def _critic_params(cfg, actor_params, critic_model, mesh, rules, rng):
+    """Critic = the actor's trunk + a fresh value head (config.model.critic_from_actor)."""
+    params = setup.init_params(critic_model, mesh, rules, rng)
+    if cfg.model.critic_from_actor and "transformer" in actor_params:
+        params = {**params, "transformer": jax.tree.map(jnp.copy, actor_params["transformer"])}
+    return params
+
+
+class _Run:
+    """Everything one training run holds; `train` drives it."""
+
+    def __init__(self, cfg, workdir, train_examples, val_examples, backend):
+        validate(cfg, jax.process_count())
+        self.cfg, self.workdir = cfg, Path(workdir)
+        self.tc = to_dataclass(TrainConfig, cfg.train, "train")
+        self.ppo = to_dataclass(PPOConfig, cfg.ppo, "ppo")
+        spec = setup.task_spec(cfg)
+        if train_examples is None:
+            train_examples = setup.load_examples(cfg, spec, cfg.data.train_split)
+        if val_examples is None:
+            val_examples = setup.load_examples(cfg, spec, cfg.data.val_split)
+        if cfg.data.num_val_examples > 0:
+            val_examples = list(val_examples)[: cfg.data.num_val_examples]
+        tok = setup.load_tokenizer(cfg, None)
+        from deepretrieval_jax.rl.sft import teacher_completion
+
+        texts = [
+            render.render_prompt(spec, ex.input, tok) for ex in [*train_examples, *val_examples]
+        ]
+        texts += [teacher_completion(spec, ex) for ex in [*train_examples, *val_examples]]
+        self.spec, self.model_cfg, self.codec = setup.text_setup(cfg, texts=texts)
+        self.train_prompts = _prompts(spec, train_examples, tok, cfg.data.max_prompt_len, "train")
+        self.val_prompts = _prompts(spec, val_examples, tok, cfg.data.max_prompt_len, "validation")
+        self.prompt_len = max(cfg.data.prompt_buckets)
+        self.B, self.n = self.tc.prompts_per_step, cfg.sampling.n
+
+        self.mesh = sharding.make_mesh(cfg.mesh)
+        self.rules = sharding.TRAIN_RULES
+        dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if self.B % dp:
+            raise ValueError(
+                f"train.prompts_per_step ({self.B}) must be divisible by data*fsdp ({dp})"
+            )
+        self.actor = models.CausalLM(self.model_cfg)
+        self.critic = models.ValueModel(self.model_cfg)
+        self.steps = make_jitted(self.ppo, self.actor, self.critic, self.mesh, self.rules)
+        self.data = setup.ShardedSampler(len(self.train_prompts), self.B, cfg.data.shuffle_seed)
+        self.ckpt = checkpoint.CheckpointManager(
+            self.workdir / setup.CHECKPOINT_DIR, self.tc.max_to_keep, self.tc.async_checkpoint
+        )
+        self.state, self.start_step = self._init_or_restore()
+
+        sampler_kw = dict(
+            token_bytes=None,
+            mesh=self.mesh,
+            param_shardings=sharding.param_shardings(self.actor, self.mesh, sharding.SAMPLER_RULES),
+            batch_axes=("data", "fsdp"),
+            prompt_buckets=tuple(cfg.data.prompt_buckets),
+        )
+        s = cfg.sampling
+        common = dict(
+            max_new_tokens=s.max_new_tokens, eos_ids=self.codec.eos_ids, pad_id=self.codec.pad_id
+        )
+        fns = causal_lm_fns(self.model_cfg, rules=sharding.SAMPLER_RULES)
+        self.sampler = Sampler(
+            fns,
+            SamplingConfig(method="sample", temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                           min_p=s.min_p, n=s.n, **common),
+            **sampler_kw,
+        )  # fmt: skip
+        self.greedy = Sampler(fns, SamplingConfig(method="greedy", n=1, **common), **sampler_kw)
+        bt = self.steps.batch_shardings
+        self._assemble = jax.jit(
+            functools.partial(rollout.assemble_batch, n=self.n), out_shardings=bt
+        )
+        self.pool = self._make_pool(backend)
+        self.writer = metrics.MetricsWriter(
+            self.workdir, self.tc.num_steps, self.start_step,
+            tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
+        )  # fmt: skip
+        self.search_opts = {
+            k: v for k, v in cfg.reward.search_opts.items() if k not in spec.index_opts()
+        }
+
+    # ------------------------------------------------------------------ setup pieces
+    def _init_or_restore(self):
+        cfg = self.cfg
+        rng = jax.random.key(cfg.seed)
+        latest = self.ckpt.latest_step()
+        k_actor, k_critic, k_state = jax.random.split(rng, 3)
+        if latest is not None:
+            abstract = jax.eval_shape(
+                lambda: init_train_state(
+                    self.ppo, self.actor, self.critic, k_state, self.mesh, self.rules
+                )
+            )
+            target = jax.tree.map(
+                lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                abstract,
+                self.steps.state_shardings,
+            )
+            state, meta = self.ckpt.restore(latest, target=target)
+            self.data.set_state(meta["data"])
+            logging.info("Resumed from %s step %d", self.ckpt.directory, latest)
+            return state, latest
+        actor_params = setup.load_policy_params(cfg, self.actor, self.mesh, self.rules, k_actor)
+        critic_params = None
+        if self.ppo.use_critic:
+            critic_params = _critic_params(
+                cfg, actor_params, self.critic, self.mesh, self.rules, k_critic
+            )
+        state = init_train_state(
+            self.ppo, self.actor, self.critic, k_state, self.mesh, self.rules,
+            actor_params=actor_params, critic_params=critic_params,
+        )  # fmt: skip
+        logging.info("Policy: %.2fM params", setup.param_count(state.actor_params) / 1e6)
+        return state, 0
+
+    def _make_pool(self, backend):
+        cfg, spec = self.cfg, self.spec
+        task = make_task(spec.reward_task, dict(spec.reward_opts))
+        if backend is None:
+            from deepretrieval_jax.eval import make_backend
+
+            index_opts = {k: v for k, v in cfg.reward.search_opts.items() if k in spec.index_opts()}
+            backend = make_backend(spec, resolve_data_dir(cfg.data.data_dir), index_opts)
+        pool_cfg = dict(cfg.reward.pool)
+        pool_cfg["retries"] = None if pool_cfg["retries"] < 0 else pool_cfg["retries"]
+        if pool_cfg["cache_mode"] != "off" and not pool_cfg["cache_path"]:
+            pool_cfg["cache_path"] = str(self.workdir / "reward_cache.sqlite")
+        pool_cfg["cache_path"] = pool_cfg["cache_path"] or None
+        pool = RewardPool({task.backend: backend}, {spec.reward_task: task}, PoolConfig(**pool_cfg))
+        return pool.start()
+
+    # ------------------------------------------------------------------ one step
+    def _global_prompts(self, prompts):
+        texts = [p.text for p in prompts]
+        return rollout.encode_prompts(self.codec, texts, self.prompt_len)
+
+    def _sample_and_submit(self, sampler, prompts, rng):
+        """Sample the global batch, decode this host's rows, submit them; returns handles."""
+        enc = self._global_prompts(prompts)
+        t0 = time.perf_counter()
+        out = sampler(self.state.actor_params, enc.tokens_BxP, enc.mask_BxP, rng)
+        tokens, lengths = rollout.local_rows(out.tokens_BnxL), rollout.local_rows(out.lengths_Bn)
+        reasons = rollout.local_rows(out.finish_reason_Bn)
+        t_gen = time.perf_counter() - t0
+        start, _ = rollout.local_row_range(out.lengths_Bn)
+        n = sampler.config.n
+        completions = rollout.decode_completions(self.codec, tokens, lengths, reasons)
+        examples = [p.example for p in prompts]
+        reqs = rollout.reward_requests(self.spec, examples, completions, start, n, self.search_opts)
+        pending = self.pool.submit(reqs)
+        return enc, out, pending, (completions, lengths, reasons), t_gen
+
+    def step(self, step: int):
+        """Runs PPO step `step` (1-based); returns (device metrics, host metrics)."""
+        t_step = time.perf_counter()
+        idx = next(self.data)
+        prompts = [self.train_prompts[i] for i in idx]
+        rng = jax.random.fold_in(jax.random.key(self.cfg.seed), step)
+        enc, out, pending, local, t_gen = self._sample_and_submit(self.sampler, prompts, rng)
+
+        t0 = time.perf_counter()  # device work while the rewards are in flight
+        bt = self.steps.batch_shardings
+        p_tok, p_mask = jax.device_put((enc.tokens_BxP, enc.mask_BxP), bt.tokens_BxT)
+        batch = self._assemble(p_tok, p_mask, out)
+        batch = batch.replace(old_logp_BxT=self.steps.logprobs(self.state, batch))
+        if self.ppo.use_ref:
+            batch = batch.replace(ref_logp_BxT=self.steps.ref_logprobs(self.state, batch))
+        if self.ppo.use_critic:
+            batch = batch.replace(old_values_BxT=self.steps.values(self.state, batch))
+        t_dispatch = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        results = pending.result()
+        t_reward = time.perf_counter() - t0
+        scores, valid = rollout.result_arrays(results)
+        scores, valid = setup.global_batch((scores, valid), self.mesh, self.rules)
+        batch = batch.replace(scores_B=scores, valid_B=valid)
+        jax.block_until_ready(batch)
+        t_device = time.perf_counter() - t0  # ref/values/old log-probs beyond the reward wait
+
+        t0 = time.perf_counter()
+        self.state, dev_metrics = self.steps.update(self.state, batch)
+        completions, lengths, reasons = local
+        summary = rollout.summarize_results(results, lengths, reasons, "", self.spec.reward_task)
+        host = rollout.merge_summaries(rollout.allgather_json(summary))
+        host.update({f"pool/{k}": v for k, v in self.pool.metrics(reset=True).items()
+                     if isinstance(v, (int, float))})  # fmt: skip
+        gen_tokens = host["response/length_mean"] * self.B * self.n
+        host.update({
+            "time/generate_s": t_gen, "time/reward_wait_s": t_reward,
+            "time/ref_values_dispatch_s": t_dispatch, "time/ref_values_after_reward_s": t_device,
+            "time/update_dispatch_s": time.perf_counter() - t0,
+            "throughput/generate_tokens_per_s": gen_tokens / max(t_gen, 1e-9),
+        })  # fmt: skip
+        host["_t_step_start"] = t_step
+        host["_tokens"] = gen_tokens + self.B * self.n * self.prompt_len
+        host["_samples"] = completions[: self.tc.log_samples]
+        return dev_metrics, host
+
+    def log(self, step: int, dev_metrics, host: dict, t_end: float | None = None) -> dict:
+        """Fetches a step's device metrics, checks them, writes everything (process 0).
+
+        `t_end`: when the next step started (its sampling needs this step's update), so
+        time/step_s is the wall time between step starts; default: now.
+        """
+        t0 = time.perf_counter()
+        dev = {k: float(v) for k, v in jax.device_get(dev_metrics).items()}
+        t_wait = time.perf_counter() - t0
+        samples = host.pop("_samples")
+        t_start, tokens = host.pop("_t_step_start"), host.pop("_tokens")
+        values = {f"ppo/{k}": v for k, v in dev.items()}
+        values["kl/mean"] = dev.get("kl_ref", 0.0)
+        values.update(host)
+        values["time/update_wait_s"] = t_wait
+        values["time/step_s"] = (time.perf_counter() if t_end is None else t_end) - t_start
+        values["throughput/tokens_per_s"] = tokens / max(values["time/step_s"], 1e-9)
+        self.writer.write(step, values)
+        if step == 1 or (self.tc.val_every and step % self.tc.val_every == 0):
+            self.writer.write_texts(step, "train/completions", samples)
+        if dev.get("skipped", 0.0) > 0:
+            bad = [k for k, v in dev.items() if not np.isfinite(v)]
+            logging.warning("Step %d skipped: non-finite values (%s)", step, bad or "inputs")
+        if dev.get("consecutive_skips", 0.0) >= self.ppo.max_consecutive_skips:
+            raise NonFiniteError(
+                f"PPO step {step}: {int(dev['consecutive_skips'])} consecutive steps skipped for "
+                f"non-finite loss/gradients/inputs (ppo.max_consecutive_skips="
+                f"{self.ppo.max_consecutive_skips}); last finite-input flag "
+                f"{dev.get('inputs_finite')}, non-finite metrics "
+                f"{[k for k, v in dev.items() if not np.isfinite(v)]}"
+            )
+        return values
+
+    def validate(self, step: int) -> dict:
+        """Greedy decoding on the validation prompts; returns val/* metrics."""
+        parts, samples = [], []
+        for i in range(0, len(self.val_prompts), self.B):
+            chunk = self.val_prompts[i : i + self.B]
+            real = len(chunk)
+            chunk = chunk + [chunk[-1]] * (self.B - real)  # fixed shape: one compilation
+            _, out, pending, (comps, lengths, reasons), _ = self._sample_and_submit(
+                self.greedy, chunk, jax.random.key(0)
+            )
+            results = pending.result()
+            start, _ = rollout.local_row_range(out.lengths_Bn)
+            keep = [j for j in range(len(results)) if start + j < real]
+            parts.append(rollout.summarize_results(
+                [results[j] for j in keep], lengths[keep], reasons[keep], "val/", self.spec.reward_task
+            ))  # fmt: skip
+            samples += [comps[j] for j in keep]
+        merged = [p for chunk in rollout.allgather_json(parts) for p in chunk]
+        values = rollout.merge_summaries([_sum_parts(merged)])
+        self.writer.write(step, values, advance=False)
+        self.writer.write_texts(step, "val/completions", samples[: self.tc.log_samples])
+        self.writer.log(f"step {step}: validation reward {values['val/reward/mean']:.4f}")
+        return values
+
+    def save(self, step: int):
+        self.ckpt.save(step, self.state, {"data": self.data.get_state(), "step": step})
+
+    def close(self):
+        self.ckpt.close()
+        self.pool.close()
+        self.writer.close()
+
+
+def _sum_parts(parts):
+    """Adds host summaries of several validation chunks into one."""
+    total = dict(parts[0])
+    for p in parts[1:]:
+        for k in (
+            "n",
+            "valid",
+            "reward_sum",
+            "format_ok",
+            "answer_ok",
+            "length_sum",
+            "eos",
+            "max_tokens",
+        ):
+            total[k] += p[k]
+        total["length_max"] = max(total["length_max"], p["length_max"])
+        for k in ("buckets", "metric_sums", "metric_counts"):
+            merged = dict(total[k])
+            for name, v in p[k].items():
+                merged[name] = merged.get(name, 0) + v
+            total[k] = merged
+    return total
+
+
+def train(cfg, workdir, *, train_examples=None, val_examples=None, backend=None) -> TrainResult:
+    """Runs (or resumes) PPO as configured; returns the final state and last metrics.
+
+    `train_examples`/`val_examples` (lists of `data.records.Example`) and `backend` (a search
+    backend) replace the configured data and search index (tests, notebooks).
+    """
+    run = _Run(cfg, workdir, train_examples, val_examples, backend)
+    step, pending, last = run.start_step, None, {}
+    preempted = False
+    try:
+        with _Preemption() as preemption:
+            while step < run.tc.num_steps:
+                step += 1
+                t_start = time.perf_counter()
+                dev, host = run.step(step)
+                if pending is not None:  # fetch step t-1's metrics after dispatching step t
+                    last = run.log(*pending, t_end=t_start)
+                pending = (step, dev, host)
+                if run.tc.val_every and step % run.tc.val_every == 0 and step < run.tc.num_steps:
+                    last = run.log(*pending)
+                    pending = None
+                    run.validate(step)
+                if run.tc.checkpoint_every and step % run.tc.checkpoint_every == 0:
+                    run.save(step)
+                if preemption.any_process():
+                    preempted = True
+                    break
+            if pending is not None:
+                last = run.log(*pending)
+            if preempted:
+                run.writer.log(f"SIGTERM: checkpointing step {step} and stopping")
+            else:
+                run.validate(step)
+            run.ckpt.wait_until_finished()
+            if run.ckpt.latest_step() != step:
+                run.save(step)
+    finally:
+        run.close()
+    return TrainResult(step=step, preempted=preempted, state=run.state, last_metrics=last)
