@@ -114,3 +114,25 @@ def test_default_shard_is_this_jax_process(data_dir):
     assert ids(it) == [[f"t{i}" for i in range(5)]]  # one process: shard 0 of 1
     with pytest.raises(ValueError, match="batch_size"):
         pipeline.make_iterator(source, batch_size=0)
+
+
+def test_build_cli_from_original_files(tmp_path):
+    from deepretrieval_jax.data import build
+
+    pico = {"P": "a", "I": "b", "C": "c", "O": "d"}
+    src = tmp_path / "test.jsonl"
+    src.write_text(
+        "".join(
+            json.dumps({"id": f"r{i}", "pico": pico, "publication_pmids": [str(i)],
+                        "pub_date": "2020/01/31"}) + "\n"
+            for i in range(3)
+        )
+    )  # fmt: skip
+    out = build.main(["--name=pubmed", "--format=pico_jsonl", f"--split=test={src}",
+                      f"--data_dir={tmp_path / 'd'}"])  # fmt: skip
+    assert out == tfds_builder.dataset_dir(tmp_path / "d", "pubmed")
+    got = tfds_builder.load_split(tmp_path / "d", "pubmed", "test")
+    assert [got[i].label for i in range(3)] == [["0"], ["1"], ["2"]]
+    assert got[0].search_opts == {"maxdate": "2020/01/31"}
+    with pytest.raises(SystemExit):
+        build.main(["--name=x", "--format=pico_jsonl", "--split=nopath", f"--data_dir={tmp_path}"])
