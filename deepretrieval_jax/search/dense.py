@@ -106,6 +106,13 @@ class DenseIndex:
         embeddings = encoder([d[1] for d in docs])
         return cls([d[0] for d in docs], embeddings, config, encoder)
 
+    @classmethod
+    def from_beir(cls, corpus_dir: str, config: DenseConfig | None = None, encoder=None):
+        """Encodes a BEIR corpus.jsonl (documents as title + "\\n" + text)."""
+        from deepretrieval_jax.search.bm25 import read_beir_corpus
+
+        return cls.build(read_beir_corpus(corpus_dir), config, encoder)
+
     def save(self, index_dir: str) -> None:
         os.makedirs(index_dir, exist_ok=True)
         np.save(os.path.join(index_dir, "embeddings.npy"), np.asarray(self.embeddings))

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import os
 import time
 
 from aiohttp import web
@@ -115,12 +114,11 @@ def main(argv=None) -> None:
 
     from deepretrieval_jax.search.bm25 import BM25Backend, BM25Config, BM25Index
 
-    if args.index_dir and os.path.exists(os.path.join(args.index_dir, "analyzer.json")):
-        index = BM25Index.load(args.index_dir)
+    config = BM25Config(k1=args.k1, b=args.b)
+    if args.index_dir:
+        index = BM25Index.load_or_build(args.corpus, args.index_dir, config)
     else:
-        index = BM25Index.from_beir(args.corpus, BM25Config(k1=args.k1, b=args.b))
-        if args.index_dir:
-            index.save(args.index_dir)
+        index = BM25Index.from_beir(args.corpus, config)
     app = make_app(BM25Backend(index), args.latency_ms / 1000.0, args.rate_limit)
     print(
         f"serving {index.num_docs} documents (k1={index.config.k1}, b={index.config.b}) at "
