@@ -352,8 +352,8 @@ class Tokenizer:
     def __init__(self, hf):
         self.hf = hf
         eos = [hf.eos_token_id] if hf.eos_token_id is not None else []
-        vocab = hf.get_vocab()
-        eos += [vocab[t] for t in _END_TOKENS if t in vocab]
+        self._vocab = hf.get_vocab()  # token -> id, added tokens included
+        eos += [self._vocab[t] for t in _END_TOKENS if t in self._vocab]
         self._eos_ids = tuple(dict.fromkeys(eos))
         if not self._eos_ids:
             raise ValueError(f"tokenizer {hf.name_or_path!r} has no eos_token or end token")
@@ -394,10 +394,9 @@ class Tokenizer:
 
     def token_id(self, token: str) -> int:
         """The id of a single vocabulary or added token."""
-        vocab = self.hf.get_vocab()
-        if token not in vocab:
+        if token not in self._vocab:
             raise KeyError(f"token {token!r} is not in the vocabulary of {self.hf.name_or_path!r}")
-        return vocab[token]
+        return self._vocab[token]
 
     def render_chat(self, messages: Sequence[Mapping[str, str]], assistant_prefix: str = "") -> str:
         """Renders messages with the chat template and a generation prompt, then appends

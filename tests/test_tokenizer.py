@@ -15,7 +15,6 @@ import tiktoken
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiktoken.load import load_tiktoken_bpe
-from transformers import AutoTokenizer
 
 from deepretrieval_jax import tokenizer as tokenizer_lib
 from deepretrieval_jax.tokenizer import Tokenizer
@@ -45,7 +44,11 @@ QWEN_SPECIAL = {
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
-    return tokenizer_lib.build_qwen25(tmp_path_factory.mktemp("qwen25"))
+    """The one build of this module, into a cache dir a crashed build left half-written."""
+    out = tmp_path_factory.mktemp("cache") / "qwen25"
+    out.mkdir()
+    (out / "tokenizer.json").write_text("{partial")  # no build marker: must be rebuilt
+    return tokenizer_lib.build_qwen25(out)
 
 
 @pytest.fixture(scope="module")
@@ -171,11 +174,11 @@ def test_chat_template_tools_section(tok):
 
 def test_saved_dir_reloads_with_auto_tokenizer(tok, tmp_path):
     tok.save(tmp_path)
-    hf = AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
-    reloaded = Tokenizer.from_dir(tmp_path)
+    reloaded = Tokenizer.from_dir(tmp_path)  # through transformers.AutoTokenizer
+    assert type(reloaded.hf) is type(tok.hf)
     messages = [{"role": "user", "content": "x"}]
     for text in TEXTS:
-        assert hf.encode(text, add_special_tokens=False) == tok.encode(text)
+        assert reloaded.hf.encode(text, add_special_tokens=False) == tok.encode(text)
     assert reloaded.render_chat(messages, "<think>\n") == tok.render_chat(messages, "<think>\n")
     assert (reloaded.pad_id, reloaded.eos_ids) == (tok.pad_id, tok.eos_ids)
 
@@ -206,16 +209,15 @@ def test_encode_batch_max_len_caps_buckets_and_rejects_long_rows(tok):
         tok.encode_batch([])
 
 
-def test_cache_is_reused_and_stale_cache_rebuilt(tmp_path):
-    out = tmp_path / "cache"
-    out.mkdir()
-    (out / "tokenizer.json").write_text("{partial")  # a crashed build without its marker
-    assert Tokenizer.qwen25(cache_dir=out).encode("Hello world!") == [9707, 1879, 0]
-    marker = out / tokenizer_lib._BUILD_MARKER
+def test_cache_is_rebuilt_when_partial_and_reused_when_complete(tok_dir):
+    # tok_dir started as a half-written cache; the build replaced it atomically.
+    assert json.loads((tok_dir / "tokenizer.json").read_text())["version"] == "1.0"
+    assert Tokenizer.qwen25(cache_dir=tok_dir).encode("Hello world!") == [9707, 1879, 0]
+    marker = tok_dir / tokenizer_lib._BUILD_MARKER
     mtime = marker.stat().st_mtime_ns
-    tokenizer_lib.build_qwen25(out)
+    tokenizer_lib.build_qwen25(tok_dir)
     assert marker.stat().st_mtime_ns == mtime  # cached: not rebuilt
-    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert [p.name for p in tok_dir.parent.iterdir()] == [tok_dir.name]  # no temporary dirs
 
 
 def test_bad_inputs_raise_clear_errors(tmp_path):

@@ -1,0 +1,74 @@
+"""Export policy params from an orbax checkpoint as a Hugging Face checkpoint directory.
+
+    python launch/export_hf.py --checkpoint_dir=/tmp/demo/checkpoints --model=qwen2.5-3b \
+        --out_dir=/tmp/demo/hf [--step=1250] [--tokenizer_dir=...] [--dtype=bfloat16]
+
+Reads only the `--params_key` subtree of the saved train state (a saved plain params tree is
+detected and used as is), resharded over all local devices (FSDP), then writes config.json,
+safetensors and the tokenizer files; `transformers.AutoModelForCausalLM` loads the result.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+
+_CKPT = flags.DEFINE_string("checkpoint_dir", None, "CheckpointManager directory.")
+_STEP = flags.DEFINE_integer("step", None, "Step to export (default: latest finalised).")
+_KEY = flags.DEFINE_string("params_key", "actor_params", "State key holding the params.")
+_MODEL = flags.DEFINE_string("model", None, "Model preset name, e.g. qwen2.5-3b.")
+_CONFIG_JSON = flags.DEFINE_string("config_json", None, "HF config.json instead of --model.")
+_OUT = flags.DEFINE_string("out_dir", None, "Output HF checkpoint directory.")
+_TOKENIZER = flags.DEFINE_string("tokenizer_dir", None, "HF tokenizer dir to copy along.")
+_DTYPE = flags.DEFINE_string("dtype", None, "Storage dtype (default: the model's param_dtype).")
+flags.mark_flags_as_required(["checkpoint_dir", "out_dir"])
+flags.register_multi_flags_validator(
+    ["model", "config_json"],
+    lambda f: (f["model"] is None) != (f["config_json"] is None),
+    message="give exactly one of --model and --config_json",
+)
+
+
+def export(checkpoint_dir, out_dir, config, step=None, params_key="actor_params", **save_kw):
+    """Restores the params of `step` (sharded over all devices) and writes them with hf_io."""
+    import jax
+    from flax import linen as nn
+
+    from deepretrieval_jax import checkpoint, hf_io, sharding
+    from deepretrieval_jax.models import CausalLM
+
+    model = CausalLM(config)
+    shardings = sharding.param_shardings(model, sharding.make_mesh(), sharding.TRAIN_RULES)
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        nn.meta.unbox(sharding.abstract_params(model)),
+        shardings,
+    )
+    saved = checkpoint.saved_structure(checkpoint_dir, step)
+    key = None if "transformer" in saved else params_key  # a plain params tree has no key
+    params = checkpoint.restore_params(checkpoint_dir, target, step, key)
+    logging.info("Restored %s (key %s); writing %s", checkpoint_dir, key, out_dir)
+    return hf_io.save_params(params, config, out_dir, **save_kw)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from deepretrieval_jax import runtime
+    from deepretrieval_jax.models import ModelConfig
+
+    runtime.log_devices()
+    if _MODEL.value:
+        config = ModelConfig.preset(_MODEL.value)
+    else:
+        with open(_CONFIG_JSON.value, encoding="utf-8") as f:
+            config = ModelConfig.from_hf_config(json.load(f))
+    save_kw = dict(tokenizer=_TOKENIZER.value, dtype=_DTYPE.value)
+    export(_CKPT.value, _OUT.value, config, _STEP.value, _KEY.value, **save_kw)
+
+
+if __name__ == "__main__":
+    app.run(main)
