@@ -31,6 +31,7 @@ def eval_config(method: str = "original_query") -> ml_collections.ConfigDict:
             batch_size=16,  # prompts per sampler call
             length_policy="drop",  # over-long prompts: "drop" (counted) | "truncate"
             concurrency=8,  # search requests in flight
+            compare_baseline=True,  # policy runs also score the original query + scatter PNG
         )
     )
 

@@ -2,7 +2,8 @@
 
 Flow: queries (the input itself for the baseline; parsed from the policy's completions
 otherwise) -> the task's search backend (asyncio, bounded concurrency) -> per-example metrics
-(from `rewards.retrieval_metrics`) -> aggregates -> JSON + markdown + PNG.
+(from `rewards.retrieval_metrics`) -> aggregates -> JSON + markdown + PNG (`eval_report`).
+`run(config, workdir)` is the config-driven path behind `launch/eval.py`.
 
 Every example ends in exactly one status, and the rates are reported separately:
   ok             the query ran; metrics computed.
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import os
 import statistics
 from collections.abc import Callable, Mapping, Sequence
@@ -271,59 +271,6 @@ def evaluate(
     )
 
 
-def markdown_table(report: EvalReport) -> str:
-    agg = report.aggregates
-    names = list(agg["metrics"])
-    head = (
-        "| task | split | method | n | "
-        + " | ".join(names)
-        + " | format err | rejected | backend err |"
-    )
-    sep = "|" + "---|" * (7 + len(names))
-    vals = [f"{agg['metrics'][m]:.4f}" if agg["metrics"][m] is not None else "-" for m in names]
-    r = agg["rates"]
-    row = (
-        f"| {report.task} | {report.split} | {report.method} | {agg['num_examples']} | "
-        + " | ".join(vals)
-        + f" | {r['format_error_rate']:.3f} | {r['rejected_rate']:.3f} | {r['backend_error_rate']:.3f} |"
-    )
-    return "\n".join([head, sep, row]) + "\n"
-
-
-def plot_histograms(report: EvalReport, path: str | os.PathLike) -> None:
-    """Per-query histogram of each metric (PNG, matplotlib Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(report.aggregates["metrics"])
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
-    for ax, m in zip(axes[0], names, strict=True):
-        vals = [r.metrics[m] for r in report.records if r.status != "backend_error"]
-        ax.hist(vals, bins=20, range=(0, 1), color="tab:blue")
-        mean = report.aggregates["metrics"][m]
-        ax.set_title(f"{m} (mean {mean:.3f})" if mean is not None else m)
-        ax.set_xlabel(m)
-        ax.set_ylabel("queries")
-    fig.suptitle(f"{report.task} / {report.split} / {report.method}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def write_report(report: EvalReport, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Writes `<task>_<split>_<method>.{json,md,png}` under out_dir; returns the paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{report.task}_{report.split}_{report.method}"
-    paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
-    paths["json"].write_text(json.dumps(report.to_json(), indent=1, ensure_ascii=False))
-    paths["md"].write_text(markdown_table(report))
-    plot_histograms(report, paths["png"])
-    return paths
-
-
 # --- Policy decoding ----------------------------------------------------------------------------
 
 
@@ -447,6 +394,7 @@ def run(cfg, workdir: str | os.PathLike) -> EvalReport:
     JSON, markdown and PNG report under `workdir/eval/` and returns it."""
     from absl import logging
 
+    from deepretrieval_jax import eval_report
     from deepretrieval_jax.config import resolve_data_dir
     from deepretrieval_jax.data.tasks import get_task
     from deepretrieval_jax.rl import setup
@@ -479,6 +427,16 @@ def run(cfg, workdir: str | os.PathLike) -> EvalReport:
     )  # fmt: skip
     if index_overrides:
         report.settings["index_opts"] = {**spec.index_opts(), **index_overrides}
-    paths = write_report(report, Path(workdir) / "eval")
-    logging.info("Report: %s\n%s", paths["json"], markdown_table(report))
+    out_dir = Path(workdir) / "eval"
+    paths = eval_report.write_report(report, out_dir)
+    if e.method == "policy" and e.get("compare_baseline", False):
+        baseline = evaluate(
+            spec, examples, backend, split=e.split, search_opts=search_opts,
+            concurrency=e.concurrency, passages=kwargs.get("passages"),
+        )  # fmt: skip
+        eval_report.write_report(baseline, out_dir)
+        scatter = out_dir / f"{spec.name}_{e.split}_policy_vs_original_query.png"
+        eval_report.plot_comparison(report, baseline, scatter)
+        logging.info("Baseline:\n%s", eval_report.markdown_table(baseline))
+    logging.info("Report: %s\n%s", paths["json"], eval_report.markdown_table(report))
     return report

@@ -6,6 +6,7 @@ import math
 import pytest
 
 from deepretrieval_jax import eval as ev
+from deepretrieval_jax import eval_report
 from deepretrieval_jax.data import tasks
 from deepretrieval_jax.data.converters import read_beir
 from deepretrieval_jax.data.records import Example
@@ -119,11 +120,14 @@ def test_original_query_end_to_end_on_bm25(tiny_beir, tmp_path):
     assert by_id["q3"].metrics == {"ndcg@10": 0.0, "recall@100": 0.0}  # d4 shares no term
     assert report.aggregates["metrics"]["ndcg@10"] == pytest.approx(2 / 3)
     assert report.decode is None and report.settings["index_opts"] == {"k1": 1.2, "b": 0.75}
-    paths = ev.write_report(report, tmp_path / "out")
+    paths = eval_report.write_report(report, tmp_path / "out")
     saved = json.loads(paths["json"].read_text())
     assert saved["aggregates"]["counts"]["ok"] == 3 and len(saved["records"]) == 3
     assert "| scifact | test | original_query | 3 | 0.6667 | 0.6667 |" in paths["md"].read_text()
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    scatter = tmp_path / "out" / "scatter.png"
+    eval_report.plot_comparison(report, report, scatter)
+    assert scatter.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_policy_path_parses_completions_and_records_decoding(tiny_beir):
