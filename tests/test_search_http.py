@@ -13,7 +13,7 @@ from deepretrieval_jax.search.http import TokenBucket, parse_retry_after
 from deepretrieval_jax.search.pubmed import PubMedBackend, PubMedConfig
 
 FAST = dict(rate_per_s=1000.0, backoff_base_s=0.01, timeout_s=2.0)
-KEY = "SeCrEtKeY0123456789"
+KEY = "SeCrEt+Key/0123=456789"  # URL metacharacters: redaction must catch encoded forms.
 
 
 def run(coro):
@@ -260,7 +260,7 @@ def test_api_key_never_in_repr_counters_or_errors(monkeypatch, tmp_path):
     texts.append(str(pm.counters.snapshot()))
     assert pm.has_api_key
     for text in texts:
-        assert KEY not in text, text
+        assert KEY not in text and "SeCrEt" not in text, text  # Raw or URL-encoded.
     key_file = tmp_path / "ncbi.key"
     key_file.write_text("FILEKEY\n")
     monkeypatch.delenv("NCBI_API_KEY")

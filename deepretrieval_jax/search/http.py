@@ -30,6 +30,7 @@ import dataclasses
 import email.utils
 import json
 import random
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -200,8 +201,10 @@ class HttpClient:
             self._session = None
 
     def redact(self, text: str) -> str:
-        for secret in self._secrets.values():
+        """`text` with every secret value (raw, or as a URL parameter in any encoding) -> ***."""
+        for name, secret in self._secrets.items():
             text = text.replace(secret.value, "***")
+            text = re.sub(rf"({re.escape(name)}=)[^&\s\"'#]*", r"\1***", text)
         return text
 
     def url(self, path: str) -> str:
@@ -255,8 +258,6 @@ class HttpClient:
                     raise _Attempt("http_429", "HTTP 429 Too Many Requests", 429, wait)
                 if status >= 500:
                     raise _Attempt("http_5xx", f"HTTP {status}", status)
-        except _Attempt:
-            raise
         except (asyncio.TimeoutError, TimeoutError):
             raise _Attempt("timeout", f"timed out after {self.config.timeout_s:g} s") from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
