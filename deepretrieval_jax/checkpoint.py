@@ -1,6 +1,7 @@
 """Checkpoints: orbax CheckpointManager wrapper for sharded state plus JSON host metadata.
 
-Layout: `<directory>/<step>/state` (the pytree of arrays, OCDBT) and `<directory>/<step>/metadata`
+Layout (`directory` is a local path or a cloud URL such as gs://bucket/run):
+`<directory>/<step>/state` (the pytree of arrays, OCDBT) and `<directory>/<step>/metadata`
 (a JSON dict: config, data-iterator state, ...).
 
 Invariants:
@@ -27,12 +28,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 STATE, METADATA = "state", "metadata"
 _COMMIT_MARKER = "commit_success.txt"
@@ -65,7 +66,9 @@ def _abstract(leaf):
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
 
 
-def _check_matches(step_dir: Path, saved_tree, target, prefix: str = "", partial=False) -> None:
+def _check_matches(
+    step_dir: epath.Path, saved_tree, target, prefix: str = "", partial=False
+) -> None:
     """Raises CheckpointError if target's keys (all of them unless `partial`) or shapes differ
     from the saved tree's."""
     saved, wanted = _flat(saved_tree), _flat(target)
@@ -97,7 +100,7 @@ def _restore_args(leaf: jax.ShapeDtypeStruct) -> ocp.RestoreArgs:
     return ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape, dtype=leaf.dtype)
 
 
-def _restore_tree(step_dir: Path, target, key: str | None = None):
+def _restore_tree(step_dir: epath.Path, target, key: str | None = None):
     """Restores the saved state (or its top-level `key`) onto `target` (None: all, as NumPy)."""
     saved_tree = _saved_tree(step_dir)
     if key is not None:
@@ -125,7 +128,14 @@ def _restore_tree(step_dir: Path, target, key: str | None = None):
     return restored if key is None else restored[key]
 
 
-def _finalised_steps(directory: Path) -> list[int]:
+def _as_path(directory: str | os.PathLike) -> epath.Path:
+    """Local paths made absolute; cloud URLs (gs://...) as they are."""
+    if "://" in str(directory):
+        return epath.Path(directory)
+    return epath.Path(directory).expanduser().absolute()
+
+
+def _finalised_steps(directory: epath.Path) -> list[int]:
     """Steps whose directory orbax renamed into place and marked committed, ascending."""
     if not directory.is_dir():
         return []
@@ -136,7 +146,7 @@ def _finalised_steps(directory: Path) -> list[int]:
     )
 
 
-def _resolve(directory: Path, step: int | None) -> Path:
+def _resolve(directory: epath.Path, step: int | None) -> epath.Path:
     """The directory of a finalised step; FileNotFoundError saying what exists."""
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: checkpoint directory does not exist")
@@ -152,7 +162,7 @@ def _resolve(directory: Path, step: int | None) -> Path:
     return directory / str(step)
 
 
-def _saved_tree(step_dir: Path):
+def _saved_tree(step_dir: epath.Path):
     """Metadata tree (shapes, dtypes) of a step's saved state."""
     try:
         metadata = ocp.StandardCheckpointer().metadata(step_dir / STATE).item_metadata
@@ -170,7 +180,7 @@ class CheckpointManager:
     def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3, async_save: bool = True):
         if max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
-        self.directory = Path(directory).expanduser().absolute()
+        self.directory = _as_path(directory)
         if self.directory.exists() and not self.directory.is_dir():
             raise NotADirectoryError(f"{self.directory}: checkpoint path is not a directory")
         options = ocp.CheckpointManagerOptions(
@@ -264,13 +274,13 @@ def restore_params(
         key: top-level key of the saved state holding the params (e.g. "actor_params");
             None when the saved state is the params tree itself.
     """
-    return _restore_tree(_resolve(Path(directory).expanduser().absolute(), step), target, key)
+    return _restore_tree(_resolve(_as_path(directory), step), target, key)
 
 
 def saved_structure(directory: str | os.PathLike, step: int | None = None):
     """The saved state of `step` (default: latest) as a tree of `jax.ShapeDtypeStruct`
     (custom pytree nodes appear as dicts); reads metadata only."""
-    step_dir = _resolve(Path(directory).expanduser().absolute(), step)
+    step_dir = _resolve(_as_path(directory), step)
     return jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), _saved_tree(step_dir)
     )

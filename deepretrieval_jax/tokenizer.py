@@ -432,7 +432,7 @@ class Tokenizer:
             lengths.append(max_len)
         if not lengths or lengths[0] <= 0:
             raise ValueError(f"buckets must be positive, got {tuple(buckets)} and {max_len=}")
-        rows = [self.encode(t) for t in texts]
+        rows = self.hf(list(texts), add_special_tokens=False)["input_ids"]  # batched in Rust
         longest = max(range(len(rows)), key=lambda i: len(rows[i]))
         fitting = [n for n in lengths if n >= len(rows[longest])]
         if not fitting:
