@@ -283,10 +283,10 @@ def test_greedy_is_argmax_with_zero_sampling_logprob():
 
 # --------------------------------------------------------------- token bytes from a tokenizer
 @pytest.fixture(scope="module")
-def qwen_tokenizer(tmp_path_factory):
+def qwen_tokenizer():
     from deepretrieval_jax.tokenizer import Tokenizer
 
-    return Tokenizer.qwen25(tmp_path_factory.mktemp("qwen25"))
+    return Tokenizer.qwen25()  # built once per machine into its default cache
 
 
 def test_token_bytes_from_qwen_tokenizer_concatenate_to_the_text(qwen_tokenizer):
@@ -309,3 +309,181 @@ def test_token_bytes_from_qwen_tokenizer_concatenate_to_the_text(qwen_tokenizer)
         hits.append(bool(hit[0]))
     pieces = qwen_tokenizer.hf.convert_ids_to_tokens(ids)
     assert hits.index(True) == pieces.index(">Ċ"), pieces  # Ċ: byte-level BPE's newline
+
+
+# ------------------------------------------------------------------- the project's CausalLM
+GEN_LEN = 10
+PAD_LENGTHS = (0, 3, 5)  # left padding per row: prompts of 8, 5 and 3 tokens
+PROMPT_LEN = 8
+
+
+def hf_and_jax(hf_dir):
+    """The same tiny random weights as a transformers model and as our (config, params)."""
+    import transformers
+
+    from deepretrieval_jax import hf_io
+
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()
+    config, params = hf_io.load_params(hf_dir)
+    return torch_model, config, params
+
+
+def prompt_batch(vocab_size, seed=0):
+    from tests.tiny_models import left_padded_batch
+
+    tokens, _, mask = left_padded_batch(PAD_LENGTHS, PROMPT_LEN, vocab_size, seed=seed)
+    return tokens, mask
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_qwen2_hf_dir):
+    """Qwen2-shaped; the sampler treats every family alike (Llama is covered by the parity test)."""
+    return hf_and_jax(tiny_qwen2_hf_dir)
+
+
+SHARED_GREEDY = SamplingConfig(method="greedy", max_new_tokens=GEN_LEN, eos_ids=(), pad_id=0, n=2)
+
+
+@pytest.fixture(scope="module")
+def single_device_greedy(tiny_lm):
+    """Greedy output on one device for prompt_batch(seed=4), n=2: the reference for variants."""
+    from deepretrieval_jax.sampler import causal_lm_fns
+
+    _, config, params = tiny_lm
+    tokens, mask = prompt_batch(config.vocab_size, seed=4)
+    out = Sampler(causal_lm_fns(config), SHARED_GREEDY, prompt_buckets=(8,))(params, tokens, mask)
+    return tokens, mask, jax.tree.map(np.asarray, out)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_greedy_equals_transformers_generate(family, request):
+    import torch
+
+    from deepretrieval_jax.sampler import causal_lm_fns
+
+    torch_model, config, params = hf_and_jax(request.getfixturevalue(f"tiny_{family}_hf_dir"))
+    tokens, mask = prompt_batch(config.vocab_size)
+    with torch.no_grad():
+        want = torch_model.generate(
+            input_ids=torch.as_tensor(tokens, dtype=torch.long),
+            attention_mask=torch.as_tensor(mask, dtype=torch.long),
+            max_new_tokens=GEN_LEN,
+            min_new_tokens=GEN_LEN,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[:, PROMPT_LEN:].numpy()
+    greedy = SamplingConfig(method="greedy", max_new_tokens=GEN_LEN, eos_ids=(), pad_id=0)
+    sampler = Sampler(causal_lm_fns(config), greedy, prompt_buckets=(16,))
+    out = sampler(params, tokens, mask)
+    assert len(set(want[:, 0].tolist())) > 1, "degenerate weights: every row says the same"
+    np.testing.assert_array_equal(np.asarray(out.tokens_BnxL), want)
+    assert np.all(np.asarray(out.finish_reason_Bn) == FinishReason.MAX_TOKENS)
+
+
+def full_forward_logprobs(config, params, tokens, mask, out, n):
+    """log_softmax of one cache-free forward pass over prompt + completion, at the completion."""
+    from deepretrieval_jax.models import CausalLM
+
+    prompt = np.repeat(tokens, n, axis=0)
+    prompt_mask = np.repeat(mask, n, axis=0)
+    seq = np.concatenate([prompt, np.asarray(out.tokens_BnxL)], axis=1)
+    seq_mask = np.concatenate([prompt_mask, np.ones_like(out.tokens_BnxL)], axis=1)
+    positions = np.maximum(np.cumsum(seq_mask, axis=1) - 1, 0)
+    logits, _ = jax.jit(CausalLM(config).apply)({"params": params}, seq, positions, seq_mask)
+    logp = jax.nn.log_softmax(logits[:, PROMPT_LEN - 1 : -1], axis=-1)
+    return np.take_along_axis(np.asarray(logp), np.asarray(out.tokens_BnxL)[..., None], -1)[..., 0]
+
+
+def test_sampled_logprobs_equal_a_full_forward_pass(tiny_lm):
+    from deepretrieval_jax.sampler import causal_lm_fns
+
+    _, config, params = tiny_lm
+    tokens, mask = prompt_batch(config.vocab_size, seed=1)
+    cfg = SamplingConfig(
+        temperature=0.8, top_k=50, top_p=0.95, max_new_tokens=GEN_LEN, n=3, eos_ids=(7,), pad_id=0
+    )
+    out = Sampler(causal_lm_fns(config), cfg, prompt_buckets=(8,))(
+        params, tokens, mask, jax.random.key(3)
+    )
+    want = full_forward_logprobs(config, params, tokens, mask, out, n=3)
+    got_mask = np.asarray(out.mask_BnxL)
+    np.testing.assert_allclose(np.asarray(out.logprobs_BnxL)[got_mask], want[got_mask], atol=1e-4)
+    # The sampling distribution is sharper than the raw one; its log-probs are recorded too.
+    samp = np.asarray(out.sampling_logprobs_BnxL)[got_mask]
+    assert np.all(samp <= 0) and np.mean(samp) > np.mean(want[got_mask])
+
+
+def test_cached_decode_logits_equal_full_forward_logits(tiny_lm):
+    """The adapter's prefill (last position) + decode steps reproduce a full forward pass."""
+    from deepretrieval_jax.models import CausalLM
+    from deepretrieval_jax.sampler import causal_lm_fns
+
+    _, config, params = tiny_lm
+    tokens, mask = prompt_batch(config.vocab_size, seed=2)
+    extra = np.random.default_rng(0).integers(1, config.vocab_size, size=(3, 4)).astype(np.int32)
+    seq, seq_mask = (
+        np.concatenate([tokens, extra], 1),
+        np.concatenate([mask, np.ones_like(extra)], 1),
+    )
+    positions = np.maximum(np.cumsum(seq_mask, axis=1) - 1, 0)
+    full, _ = jax.jit(CausalLM(config).apply)({"params": params}, seq, positions, seq_mask)
+
+    fns = causal_lm_fns(config)
+    apply = jax.jit(fns.apply)
+    cache = fns.init_cache(3, seq.shape[1])
+    got = []
+    logits, cache = apply(params, tokens, positions[:, :PROMPT_LEN], mask, cache)
+    got.append(logits[:, -1])
+    for t in range(PROMPT_LEN, seq.shape[1] - 1):
+        logits, cache = apply(
+            params, seq[:, t : t + 1], positions[:, t : t + 1], seq_mask[:, t : t + 1], cache
+        )
+        got.append(logits[:, -1])
+    np.testing.assert_allclose(
+        np.stack(got, axis=1), np.asarray(full[:, PROMPT_LEN - 1 : -1]), atol=1e-4, rtol=1e-4
+    )
+
+
+def test_sharded_greedy_equals_single_device(tiny_lm, single_device_greedy):
+    """2x2x2 mesh, sampler rules (tensor-parallel heads/mlp/vocab, batch over data x fsdp),
+    params handed over in the trainer's FSDP shardings."""
+    from deepretrieval_jax import sharding
+    from deepretrieval_jax.models import CausalLM
+    from deepretrieval_jax.sampler import causal_lm_fns
+
+    _, config, params = tiny_lm
+    tokens, mask, single = single_device_greedy
+    mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
+    rules = sharding.SAMPLER_RULES
+    trainer_params = jax.device_put(
+        params, sharding.param_shardings(CausalLM(config), mesh, sharding.TRAIN_RULES)
+    )
+    sampler = Sampler(
+        causal_lm_fns(config, rules=rules),
+        SHARED_GREEDY,
+        mesh=mesh,
+        param_shardings=sharding.param_shardings(CausalLM(config), mesh, rules),
+        batch_axes=("data", "fsdp"),
+        prompt_buckets=(8,),
+    )
+    out = sampler(trainer_params, tokens, mask)
+    assert out.tokens_BnxL.shape == (6, GEN_LEN)
+    assert len(out.tokens_BnxL.sharding.device_set) == 8
+    np.testing.assert_array_equal(np.asarray(out.tokens_BnxL), single.tokens_BnxL)
+    np.testing.assert_allclose(np.asarray(out.logprobs_BnxL), single.logprobs_BnxL, atol=1e-4)
+
+
+def test_bf16_cache_is_close_to_fp32(tiny_lm, single_device_greedy):
+    from deepretrieval_jax.sampler import causal_lm_fns
+
+    _, config, params = tiny_lm
+    tokens, mask, fp32 = single_device_greedy
+    fns = causal_lm_fns(config, cache_dtype="bfloat16")
+    assert fns.init_cache(1, 4).k.dtype == jnp.bfloat16
+    bf16 = Sampler(fns, SHARED_GREEDY, prompt_buckets=(8,))(params, tokens, mask)
+    # Same first token everywhere; log-probs within bf16 rounding of the cached keys/values.
+    np.testing.assert_array_equal(np.asarray(bf16.tokens_BnxL)[:, 0], fp32.tokens_BnxL[:, 0])
+    np.testing.assert_allclose(
+        np.asarray(bf16.logprobs_BnxL)[:, 0], fp32.logprobs_BnxL[:, 0], atol=0.05
+    )
