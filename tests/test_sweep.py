@@ -1,0 +1,306 @@
+"""Sweeps: expansion and names, validation against the base config, the local runner
+(skip finished, resume interrupted) with real subprocesses, and the TPU/SLURM scripts.
+
+The runner tests run a stand-in training script (written below, no JAX) that behaves like
+launch/train.py on disk: it resumes from the newest finalised checkpoint in WORKDIR/checkpoints,
+writes `checkpoints/<step>/commit_success.txt` (orbax's commit marker, what the trainer's
+CheckpointManager counts) and metrics.jsonl, and can be made to crash mid-run.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from deepretrieval_jax import sweep as hyper
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = str(REPO / "configs" / "demo.py")
+
+FAKE_TRAIN = textwrap.dedent(
+    """
+    import argparse, json, os, sys
+    from pathlib import Path
+    p = argparse.ArgumentParser(allow_abbrev=False)
+    p.add_argument("--workdir")
+    p.add_argument("--config.train.num_steps", dest="steps", type=int)
+    args, _ = p.parse_known_args()
+    wd = Path(args.workdir)
+    ckpts = wd / "checkpoints"
+    done = [int(d.name) for d in ckpts.glob("*") if (d / "commit_success.txt").exists()]
+    start = max(done, default=0)
+    with open(wd.parent / "invocations.jsonl", "a") as f:
+        f.write(json.dumps({"name": wd.name, "start": start, "argv": sys.argv[1:],
+                            "cpus": sorted(os.sched_getaffinity(0)),
+                            "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}) + "\\n")
+    crash = os.environ.get("FAKE_CRASH_POINT") == wd.name
+    for step in range(start + 1, args.steps + 1):
+        (ckpts / str(step)).mkdir(parents=True, exist_ok=True)
+        if crash and step == 3:  # torn save: no commit marker, then die
+            sys.exit(3)
+        (ckpts / str(step) / "commit_success.txt").write_text("")
+        with open(wd / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "time": 0.0, "reward/mean": step / 10}) + "\\n")
+    """
+)
+
+
+# ----------------------------------------------------------------------------- expansion
+
+
+def test_product_order_and_names():
+    points = hyper.product(
+        [
+            hyper.sweep("config.ppo.actor_lr", [1e-6, 3e-6]),
+            hyper.sweep("ppo.kl_coef", [0.001, 0.01]),
+        ]
+    )
+    assert [p.name for p in points] == [
+        "actor_lr=1e-06,kl_coef=0.001",
+        "actor_lr=1e-06,kl_coef=0.01",
+        "actor_lr=3e-06,kl_coef=0.001",
+        "actor_lr=3e-06,kl_coef=0.01",
+    ]
+    assert points[1].as_dict() == {"ppo.actor_lr": 1e-6, "ppo.kl_coef": 0.01}
+    # Varargs form gives the same points.
+    same = hyper.product(
+        hyper.sweep("ppo.actor_lr", [1e-6, 3e-6]), hyper.sweep("ppo.kl_coef", [0.001, 0.01])
+    )
+    assert same == points
+
+
+def test_zip_fixed_hidden_named_and_clashing_leaf_names():
+    points = hyper.product(
+        hyper.zip(
+            hyper.sweep("model.preset", ["qwen2.5-0.5b", "qwen2.5-3b"], name="model"),
+            hyper.sweep("model.hf_path", ["/c/a", "/c/b"], hidden=True),
+        ),
+        hyper.fixed("train.num_steps", 7),
+    )
+    assert [p.name for p in points] == ["model=qwen2.5-0.5b", "model=qwen2.5-3b"]
+    assert points[1].as_dict() == {
+        "model.preset": "qwen2.5-3b",
+        "model.hf_path": "/c/b",
+        "train.num_steps": 7,
+    }
+    clash = hyper.product(hyper.sweep("ppo.entropy_coef", [0.0]), hyper.sweep("sft.lr", [1e-3]))
+    assert clash[0].name == "entropy_coef=0.0,lr=0.001"
+    same_leaf = hyper.product(hyper.sweep("sft.lr", [1.0]), hyper.sweep("x.lr", [2.0]))
+    assert same_leaf[0].name == "sft.lr=1.0,x.lr=2.0"
+    base = hyper.named("baseline", {"config.ppo.kl_coef": 0.0})
+    assert base[0].name == "baseline" and base[0].as_dict() == {"ppo.kl_coef": 0.0}
+    tup = hyper.sweep("data.prompt_buckets", [(256,), (128, 256)])
+    assert [p.dirname for p in tup] == ["prompt_buckets=_256,_", "prompt_buckets=_128,_256_"]
+
+
+def test_expansion_errors():
+    with pytest.raises(hyper.SweepError, match=r"equal length, got lengths \[2, 3\]"):
+        hyper.zip(hyper.sweep("a", [1, 2]), hyper.sweep("b", [1, 2, 3]))
+    with pytest.raises(hyper.SweepError, match="empty list of values"):
+        hyper.sweep("ppo.kl_coef", [])
+    with pytest.raises(hyper.SweepError, match="config.a is set by two combined sweeps"):
+        hyper.product(hyper.sweep("a", [1]), hyper.sweep("config.a", [2]))
+    with pytest.raises(hyper.SweepError, match="not a sweep"):
+        hyper.product(hyper.sweep("a", [1]), {"b": 2})
+    with pytest.raises(hyper.SweepError, match="share the name"):
+        hyper.check_names(hyper.sweep("a", [1, 1]))
+    with pytest.raises(hyper.SweepError, match="no points"):
+        hyper.check_names([])
+
+
+def test_format_value_reads_back_through_config_flags():
+    assert [hyper.format_value(v) for v in (1e-6, 0.001, 3, True, "x", (256,), (1, 2))] == [
+        "1e-06", "0.001", "3", "True", "x", "(256,)", "(1, 2)",
+    ]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _write_sweep(tmp_path, body: str) -> str:
+    path = tmp_path / "my_sweep.py"
+    path.write_text("from deepretrieval_jax import sweep as hyper\n\n\n" + textwrap.dedent(body))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "points, message",
+    [
+        (hyper.sweep("ppo.no_such_field", [1.0]), r"config.ppo.no_such_field=1.0: .*no field"),
+        (hyper.sweep("nope.lr", [1.0]), r"config.nope.lr=1.0"),
+        (hyper.sweep("ppo.actor_lr", ["abc"]), r"config.ppo.actor_lr='abc'.*float"),
+        (hyper.sweep("train.num_steps", [1.5]), r"config.train.num_steps=1.5"),
+        (hyper.sweep("ppo.mini_batch_size", [5]), r"mini_batch_size=5.*divisible by"),
+        (hyper.sweep("train.num_steps", [0]), r"train.num_steps must be positive"),
+    ],
+)
+def test_plan_rejects_bad_points(tmp_path, points, message):
+    good = hyper.sweep("ppo.kl_coef", [0.01])
+    with pytest.raises(hyper.SweepError, match=message):
+        hyper.plan(DEMO, good + points, tmp_path / "root")
+    assert not (tmp_path / "root").exists()
+
+
+def test_plan_resolves_configs_as_train_sees_them(tmp_path):
+    points = hyper.product(
+        hyper.sweep("ppo.actor_lr", [3e-5]), hyper.sweep("data.prompt_buckets", [(128, 256)])
+    )
+    (run,) = hyper.plan(DEMO, points, tmp_path, extra=["train.num_steps=5"])
+    assert run.config.ppo.actor_lr == 3e-5 and run.config.data.prompt_buckets == (128, 256)
+    assert run.total_steps == 5 and run.workdir == tmp_path / points[0].dirname
+    with pytest.raises(hyper.SweepError, match="both a shared override and swept"):
+        hyper.plan(DEMO, points, tmp_path, extra=["ppo.actor_lr=1e-3"])
+    with pytest.raises(hyper.SweepError, match=r"train.num_steps=many: invalid literal for int"):
+        hyper.plan(DEMO, points, tmp_path, extra=["train.num_steps=many"])
+
+
+def test_load_sweep_errors(tmp_path):
+    with pytest.raises(hyper.SweepError, match="does not exist"):
+        hyper.load_sweep(str(tmp_path / "missing.py"))
+    with pytest.raises(hyper.SweepError, match="defines no get_sweep"):
+        hyper.load_sweep(_write_sweep(tmp_path, "X = 1\n"))
+    with pytest.raises(hyper.SweepError, match="no points"):
+        hyper.load_sweep(_write_sweep(tmp_path, "def get_sweep(arg=None):\n    return []\n"))
+    spec = _write_sweep(
+        tmp_path,
+        """
+        def get_sweep(arg=None):
+            return hyper.sweep("ppo.kl_coef", [0.1] if arg == "one" else [0.1, 0.2])
+        """,
+    )
+    assert len(hyper.load_sweep(spec)) == 2 and len(hyper.load_sweep(spec + ":one")) == 1
+    assert len(hyper.load_sweep(str(REPO / "configs/sweeps/demo_ppo.py"))) == 6
+
+
+# ----------------------------------------------------------------------------- local runner
+
+
+def _invocations(root: Path) -> list[dict]:
+    path = root / "invocations.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_local_runner_skips_finished_and_resumes_interrupted(tmp_path, monkeypatch):
+    fake = tmp_path / "fake_train.py"
+    fake.write_text(FAKE_TRAIN)
+    spec = _write_sweep(
+        tmp_path,
+        """
+        def get_sweep(arg=None):
+            return hyper.sweep("config.ppo.actor_lr", [1e-5, 2e-5, 3e-5])
+        """,
+    )
+    root = tmp_path / "root"
+    kw = dict(sweep_spec=spec, extra=["train.num_steps=4"], script=str(fake), log=lambda m: None)
+    monkeypatch.setenv("FAKE_CRASH_POINT", "actor_lr=2e-05")
+    assert hyper.execute(DEMO, root, parallel=2, **kw) == 1  # one point crashed
+    first = _invocations(root)
+    assert sorted(i["name"] for i in first) == [
+        "actor_lr=1e-05",
+        "actor_lr=2e-05",
+        "actor_lr=3e-05",
+    ]
+    assert all(i["start"] == 0 for i in first)
+    crashed = root / "actor_lr=2e-05"
+    assert hyper.finished_step(crashed) == 2  # step 3 has no commit marker
+    saved = json.loads((crashed / "config.json").read_text())
+    assert saved["ppo"]["actor_lr"] == 2e-5 and saved["train"]["num_steps"] == 4
+    points = {p["name"]: p for p in json.loads((root / "sweep.json").read_text())}
+    assert points["actor_lr=2e-05"]["overrides"] == {"ppo.actor_lr": "2e-05"}
+
+    monkeypatch.delenv("FAKE_CRASH_POINT")
+    assert hyper.execute(DEMO, root, **kw) == 0
+    second = _invocations(root)[len(first) :]
+    assert [(i["name"], i["start"]) for i in second] == [("actor_lr=2e-05", 2)]
+    steps = [
+        json.loads(line)["step"] for line in (crashed / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == [1, 2, 3, 4]
+    assert "--config.ppo.actor_lr=2e-05" in second[0]["argv"]
+
+    assert hyper.execute(DEMO, root, **kw) == 0
+    assert len(_invocations(root)) == len(first) + 1  # everything finished: nothing ran
+    statuses = {p["name"]: p["status"] for p in json.loads((root / "sweep.json").read_text())}
+    assert set(statuses.values()) == {"finished"}
+
+
+def test_local_runner_pins_each_slot(tmp_path):
+    fake = tmp_path / "fake_train.py"
+    fake.write_text(FAKE_TRAIN)
+    spec = _write_sweep(
+        tmp_path, "def get_sweep(arg=None):\n    return hyper.sweep('seed', [1, 2, 3, 4])\n"
+    )
+    root = tmp_path / "root"
+    code = hyper.execute(
+        DEMO, root, spec, extra=["train.num_steps=1"], script=str(fake), parallel=2,
+        gpus_per_run=2, cpus_per_run=1, log=lambda m: None,
+    )  # fmt: skip
+    assert code == 0
+    calls = _invocations(root)
+    assert len(calls) == 4
+    slots = {0: ([hyper.slot_cpus(0, 1)[0]], "0,1"), 1: ([hyper.slot_cpus(1, 1)[0]], "2,3")}
+    for call in calls:
+        assert (call["cpus"], call["gpus"]) in slots.values()
+    assert hyper.slot_env(1, 2) == {"CUDA_VISIBLE_DEVICES": "2,3"} and hyper.slot_env(0, 0) == {}
+
+
+def test_bad_point_stops_before_anything_runs(tmp_path):
+    fake = tmp_path / "fake_train.py"
+    fake.write_text(FAKE_TRAIN)
+    spec = _write_sweep(
+        tmp_path,
+        "def get_sweep(arg=None):\n    return hyper.sweep('ppo.kl_coef', [0.1, 'high'])\n",
+    )
+    with pytest.raises(hyper.SweepError, match=r"kl_coef='high'"):
+        hyper.execute(DEMO, tmp_path / "root", spec, script=str(fake), log=lambda m: None)
+    assert not (tmp_path / "root").exists() and not _invocations(tmp_path / "root")
+
+
+# ----------------------------------------------------------------------------- cluster scripts
+
+
+def _launch(*args, cwd=REPO):
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch" / "sweep.py"), *args],
+        capture_output=True, text=True, cwd=cwd, timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )  # fmt: skip
+
+
+def test_launch_print_and_slurm_leave_out_finished_points(tmp_path):
+    root = tmp_path / "root"
+    args = ["--config=configs/demo.py", "--sweep=configs/sweeps/demo_ppo.py", f"--workdir={root}"]
+    done = root / "actor_lr=3e-05,kl_coef=0.001" / "checkpoints" / "40"
+    done.mkdir(parents=True)
+    (done / "commit_success.txt").write_text("")
+    out = _launch(*args, "--mode=slurm", "--sbatch=--time=1:00:00", "--parallel=2")
+    assert out.returncode == 0, out.stderr
+    script = (root / "sweep.sbatch").read_text()
+    assert "#SBATCH --array=0-4%2" in script and "#SBATCH --time=1:00:00" in script
+    assert "kl_coef=0.001 --config.ppo.actor_lr=3e-05 " not in script  # finished: left out
+    assert f"--workdir={root}/actor_lr=0.0003,kl_coef=0.01 --config.ppo.actor_lr=0.0003" in script
+    assert subprocess.run(["bash", "-n", str(root / "sweep.sbatch")]).returncode == 0
+
+    out = _launch(*args, "--mode=tpu", "--tpu_name=v5p-64", "--zone=us-east5-a")
+    assert out.returncode == 0, out.stderr
+    tpu = (root / "tpu_sweep.sh").read_text()
+    assert tpu.count("TPU_NAME=v5p-64 ZONE=us-east5-a bash launch/tpu_pod.sh launch/train.py") == 5
+    assert subprocess.run(["bash", "-n", str(root / "tpu_sweep.sh")]).returncode == 0
+
+    out = _launch(*args, "--mode=print")
+    lines = [x for x in out.stdout.splitlines() if x.startswith("python3 launch/train.py")]
+    assert len(lines) == 5 and "--config=configs/demo.py" in lines[0]
+
+
+def test_launch_reports_bad_sweep_clearly(tmp_path):
+    spec = _write_sweep(
+        tmp_path, "def get_sweep(arg=None):\n    return hyper.sweep('ppo.kl_coeff', [0.1])\n"
+    )
+    out = _launch("--config=configs/demo.py", f"--sweep={spec}", f"--workdir={tmp_path / 'r'}")
+    assert out.returncode == 1
+    assert "Sweep error: sweep point 'kl_coeff=0.1': config.ppo.kl_coeff=0.1" in out.stderr
+    assert not (tmp_path / "r").exists()
