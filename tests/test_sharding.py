@@ -30,7 +30,7 @@ def test_make_mesh_shapes_and_errors():
 
 @pytest.fixture(scope="module")
 def sharded_lm():
-    config = ModelConfig.tiny()
+    config = ModelConfig.tiny(num_layers=1)
     model = CausalLM(config)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     params = sharding.init_sharded(model, mesh, sharding.TRAIN_RULES, jax.random.PRNGKey(0))
@@ -43,7 +43,7 @@ def test_params_are_created_sharded(sharded_lm):
     assert attn["q_kernel"].sharding.spec == P("fsdp", "tensor", None)
     assert attn["o_kernel"].sharding.spec == P("tensor", None, "fsdp")
     assert params["transformer"]["embedder"]["embedding"].sharding.spec == P("tensor", "fsdp")
-    mlp = params["transformer"]["layers_1"]["mlp"]
+    mlp = params["transformer"]["layers_0"]["mlp"]
     assert mlp["down_kernel"].sharding.spec == P("tensor", "fsdp")
     assert all(leaf.sharding.mesh == mesh for leaf in jax.tree_util.tree_leaves(params))
     # Each device holds only its shard.

@@ -102,16 +102,17 @@ def torch_logits(model, tokens, positions, mask) -> np.ndarray:
 
 
 def random_params(model: nn.Module, config: ModelConfig, seed: int = 0, scale: float = 0.1):
-    """Unboxed params of `model` with every leaf random: norms near 1, weights N(0, scale)."""
-    dummy = jnp.zeros((1, 1), jnp.int32)
-    params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), dummy, dummy, dummy)["params"])
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-    new = []
-    for (path, leaf), key in zip(leaves, keys, strict=True):
-        noise = jax.random.normal(key, leaf.shape, jnp.float32)
-        if "scale" in jax.tree_util.keystr(path):
-            new.append((1.0 + 0.2 * noise).astype(leaf.dtype))
-        else:
-            new.append((scale * noise).astype(leaf.dtype))
-    return jax.tree_util.tree_unflatten(treedef, new)
+    """Params of `model` with every leaf random (NumPy, no compilation): norm scales near 1,
+    everything else N(0, scale)."""
+    dummy = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    abstract = jax.eval_shape(lambda t: model.init(jax.random.PRNGKey(0), t, t, t)["params"], dummy)
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        noise = rng.standard_normal(leaf.value.shape).astype(np.float32)
+        value = 1.0 + 0.2 * noise if "scale" in jax.tree_util.keystr(path) else scale * noise
+        return jnp.asarray(value, leaf.value.dtype)
+
+    return jax.tree_util.tree_map_with_path(
+        fill, abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )
