@@ -154,8 +154,9 @@ def test_faults_retried_rate_limited_and_nothing_lost(servers):
     # Token bucket at 10/s: n + 5 requests span at least (n + 4) / 10 s; no 1 s window > 11.
     assert times[-1] - times[0] >= 0.9 * (n + 4) / 10
     assert max(sum(1 for u in times if t <= u < t + 1.0) for t in times) <= 11
-    # Retry-After honoured: for 0.3 s after the 429 at most the one request whose token was
-    # already granted (sleeping in the bucket when the 429 arrived) goes out.
+    # Retry-After honoured: for 0.3 s after the 429 at most one request goes out, one whose
+    # token was granted before the 429 was read (requests still waiting in the bucket re-check
+    # the pause after sleeping).
     t429 = next(r.t for r in server.requests if r.answered == "status_429")
     assert sum(1 for t in times if t429 < t < t429 + 0.29) <= 1
     assert server.violations == []

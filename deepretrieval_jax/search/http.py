@@ -83,8 +83,12 @@ class TokenBucket:
         async with self._lock:
             loop = asyncio.get_running_loop()
             now = loop.time()
-            ready = max(self._tat - (self.burst - 1) * self.interval, self._paused_until)
-            if ready > now:
+            # Loop: a 429 that arrives while we sleep moves `_paused_until` forward, and the
+            # request must then wait for the new pause rather than go out inside it.
+            while True:
+                ready = max(self._tat - (self.burst - 1) * self.interval, self._paused_until)
+                if ready <= now:
+                    break
                 await asyncio.sleep(ready - now)
                 now = loop.time()
             self._tat = max(self._tat, now) + self.interval
