@@ -309,7 +309,8 @@ def value_loss(
     `clip=None` gives the plain 0.5 * (values - R)^2.
 
     Returns:
-        (loss scalar, metrics): value_clipfrac (clipped branch strictly larger), value_mean.
+        (loss scalar, metrics): value_clipfrac (|values - old| > clip and the clipped
+        branch strictly larger), value_mean.
     """
     mask = jnp.asarray(mask).astype(jnp.bool_)
     # Select garbage away before any arithmetic so NaN in padding cannot reach the gradient.
@@ -322,7 +323,9 @@ def value_loss(
     else:
         v_clip = old_values + jnp.clip(values - old_values, -clip, clip)
         err_clip = jnp.square(v_clip - returns)
-        loss, clipped = 0.5 * jnp.maximum(err, err_clip), err_clip > err
+        # Clipped = the clipped branch is active and wins (robust to ties at the first epoch).
+        clipped = (jnp.abs(values - old_values) > clip) & (err_clip > err)
+        loss = 0.5 * jnp.maximum(err, err_clip)
     metrics = {
         "value_clipfrac": masked_mean(clipped, mask),
         "value_mean": masked_mean(values, mask),

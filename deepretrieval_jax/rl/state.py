@@ -1,0 +1,345 @@
+"""PPO hyper-parameters, the train-state pytree, optimisers, and sharded state initialisation.
+
+`PPOConfig` defaults are DeepRetrieval's PubMed recipe (reference section 5): GAE with
+gamma = lambda = 1 and whitened advantages, k1 KL to the reference in the reward with a fixed
+coefficient 0.001, clip 0.2, entropy 0.001, value clip 0.5, grad clip 1.0, AdamW (0.9, 0.999,
+wd 0.01), constant LR 1e-6 (actor) / 1e-5 (critic), one PPO epoch over mini-batches of 16.
+
+`TrainState` is a plain pytree of arrays (`flax.struct.dataclass`); optimiser transforms and
+models are rebuilt from the config and closed over by the jitted steps, never stored.
+The critic is a separate `ValueModel` (as in DeepRetrieval); a value head on the actor's trunk is
+not implemented. Without a critic (GRPO, RLOO) `critic_params`/`critic_opt_state` are None; without
+any KL term `ref_params` is None.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+
+from deepretrieval_jax import sharding
+from deepretrieval_jax.rl import algo
+
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """All PPO/GRPO/RLOO hyper-parameters. Batch sizes count rows (samples), not prompts."""
+
+    # Advantages.
+    advantage_estimator: str = "gae"  # "gae" (needs the critic) | "grpo" | "rloo"
+    gamma: float = 1.0  # GAE discount per token
+    lam: float = 1.0  # GAE lambda
+    whiten_advantages: bool = True  # GAE: whiten over the valid response tokens of the batch
+    grpo_normalize_std: bool = True  # GRPO: divide by the group std (False = Dr. GRPO)
+    grpo_eps: float = 1e-6  # GRPO: added to the group std
+    # KL to the frozen reference policy.
+    kl_in_reward: bool = True  # subtract kl_coef * KL per token from the reward
+    kl_estimator: str = "k1"  # in-reward estimator: k1 | abs | k2/mse | k3/low_var_kl
+    kl_coef: float = 0.001  # initial (fixed or adaptive) in-reward coefficient
+    kl_adaptive: bool = False  # Ziegler et al. adaptive controller on kl_coef
+    kl_target: float = 6.0  # adaptive: target mean per-token KL
+    kl_horizon: float = 10000.0  # adaptive: horizon in samples
+    kl_loss_coef: float = 0.0  # > 0: ADD kl_loss_coef * KL(actor || ref) to the actor loss
+    kl_loss_estimator: str = "low_var_kl"  # estimator of the KL loss
+    # Losses.
+    clip_low: float = 0.2  # ratio lower clip 1 - clip_low
+    clip_high: float = 0.2  # ratio upper clip 1 + clip_high
+    dual_clip: float | None = None  # dual-clip constant c > 1 for negative advantages, or None
+    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum
+    entropy_coef: float = 0.001  # entropy bonus (subtracted from the actor loss)
+    value_clip: float | None = 0.5  # value clip range around the old values, or None
+    max_grad_norm: float = 1.0  # global-norm clip, actor and critic separately
+    # Optimisers (AdamW). Schedule steps count optimiser updates (one per mini-batch).
+    actor_lr: float = 1e-6
+    critic_lr: float = 1e-5
+    lr_schedule: str = "constant"  # "constant" | "cosine" (after warmup)
+    warmup_steps: int = 0  # linear warmup from 0, in optimiser updates
+    total_steps: int = 0  # cosine: optimiser updates until the LR reaches min_lr_ratio * lr
+    min_lr_ratio: float = 0.0
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.01
+    # Update loop.
+    ppo_epochs: int = 1  # passes over the rollout batch per PPO step
+    mini_batch_size: int = 16  # rows per optimiser update; divides the rollout batch
+    micro_batch_size: int = 0  # rows per forward/backward (gradient accumulation); 0 = mini
+    shuffle: bool = True  # permute rows into mini-batches each epoch (state PRNG)
+    max_consecutive_skips: int = 3  # the run manager stops after this many skipped steps
+
+    def __post_init__(self):
+        def bad(field, expected):
+            raise ValueError(f"PPOConfig.{field}={getattr(self, field)!r}: expected {expected}")
+
+        if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
+            bad("advantage_estimator", f"one of {ADVANTAGE_ESTIMATORS}")
+        for f in ("kl_estimator", "kl_loss_estimator"):
+            if getattr(self, f) not in algo.KL_ESTIMATORS:
+                bad(f, f"one of {algo.KL_ESTIMATORS}")
+        if self.loss_agg not in algo.LOSS_AGGREGATIONS:
+            bad("loss_agg", f"one of {algo.LOSS_AGGREGATIONS}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            bad("lr_schedule", f"one of {LR_SCHEDULES}")
+        for f in ("gamma", "lam"):
+            if not 0.0 <= getattr(self, f) <= 1.0:
+                bad(f, "a value in [0, 1]")
+        for f in ("kl_coef", "kl_loss_coef", "entropy_coef", "weight_decay", "min_lr_ratio"):
+            if getattr(self, f) < 0:
+                bad(f, ">= 0")
+        for f in ("clip_low", "clip_high", "max_grad_norm", "actor_lr", "critic_lr"):
+            if getattr(self, f) <= 0:
+                bad(f, "> 0")
+        if self.clip_low >= 1.0:
+            bad("clip_low", "< 1 (the ratio's lower bound is 1 - clip_low)")
+        if self.dual_clip is not None and self.dual_clip <= 1.0 + self.clip_high:
+            bad("dual_clip", f"None or > 1 + clip_high = {1.0 + self.clip_high}")
+        if self.value_clip is not None and self.value_clip <= 0:
+            bad("value_clip", "None or > 0")
+        if self.kl_adaptive and not self.kl_in_reward:
+            bad("kl_adaptive", "False unless kl_in_reward (the controller drives kl_coef)")
+        if self.kl_target <= 0 or self.kl_horizon <= 0:
+            bad("kl_target", "kl_target and kl_horizon > 0")
+        for f in ("ppo_epochs", "mini_batch_size", "max_consecutive_skips"):
+            if getattr(self, f) < 1:
+                bad(f, ">= 1")
+        if self.micro_batch_size < 0 or (
+            self.micro_batch_size and self.mini_batch_size % self.micro_batch_size
+        ):
+            bad("micro_batch_size", f"0 or a divisor of mini_batch_size={self.mini_batch_size}")
+        if self.warmup_steps < 0:
+            bad("warmup_steps", ">= 0")
+        if self.lr_schedule == "cosine" and self.total_steps <= self.warmup_steps:
+            bad("total_steps", f"> warmup_steps={self.warmup_steps} for a cosine schedule")
+
+    @property
+    def use_critic(self) -> bool:
+        """GAE needs a value model; GRPO and RLOO do not."""
+        return self.advantage_estimator == "gae"
+
+    @property
+    def use_ref(self) -> bool:
+        """Whether a frozen reference policy (and its log-probs) is needed."""
+        return (self.kl_in_reward and (self.kl_coef > 0 or self.kl_adaptive)) or (
+            self.kl_loss_coef > 0
+        )
+
+    @property
+    def micro_batch(self) -> int:
+        return self.micro_batch_size or self.mini_batch_size
+
+    def replace(self, **overrides) -> PPOConfig:
+        return dataclasses.replace(self, **overrides)
+
+    @classmethod
+    def from_dict(cls, d) -> PPOConfig:
+        """From a dict / ConfigDict; unknown keys raise (typos must not be silently ignored)."""
+        d = dict(d)
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"PPOConfig: unknown fields {unknown}")
+        return cls(**d)
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a PPO step changes, as one pytree (checkpointed as is).
+
+    step:              int32 []  PPO steps taken (skipped ones included)
+    actor_params:      policy params (unboxed Linen tree)
+    actor_opt_state:   optax state of `actor_optimizer(cfg)`
+    critic_params:     ValueModel params, or None (GRPO / RLOO)
+    critic_opt_state:  optax state of `critic_optimizer(cfg)`, or None
+    ref_params:        frozen reference policy params, or None (no KL term)
+    kl_coef:           float32 []  current in-reward KL coefficient
+    rng:               uint32 [2]  PRNG key for mini-batch shuffling
+    skipped_steps:     int32 []  steps skipped for non-finite loss/gradients/inputs, in total
+    consecutive_skips: int32 []  skipped steps since the last good one
+    """
+
+    step: jax.Array
+    actor_params: Any
+    actor_opt_state: Any
+    critic_params: Any
+    critic_opt_state: Any
+    ref_params: Any
+    kl_coef: jax.Array
+    rng: jax.Array
+    skipped_steps: jax.Array
+    consecutive_skips: jax.Array
+
+
+# ----------------------------------------------------------------------------- optimisers
+def make_lr_schedule(
+    peak_lr, schedule="constant", warmup_steps=0, total_steps=0, min_lr_ratio=0.0
+) -> optax.Schedule:
+    """Linear warmup 0 -> peak over `warmup_steps`, then constant or cosine to min_lr_ratio*peak."""
+    if schedule == "constant":
+        after = optax.constant_schedule(peak_lr)
+    elif schedule == "cosine":
+        after = optax.cosine_decay_schedule(
+            peak_lr, max(total_steps - warmup_steps, 1), alpha=min_lr_ratio
+        )
+    else:
+        raise ValueError(f"lr schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    if warmup_steps <= 0:
+        return after
+    warmup = optax.linear_schedule(0.0, peak_lr, warmup_steps)
+    return optax.join_schedules([warmup, after], [warmup_steps])
+
+
+def make_optimizer(
+    lr,
+    *,
+    schedule="constant",
+    warmup_steps=0,
+    total_steps=0,
+    min_lr_ratio=0.0,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    weight_decay=0.01,
+    max_grad_norm=1.0,
+) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW on the scheduled LR (see `current_lr`)."""
+    lr_fn = make_lr_schedule(lr, schedule, warmup_steps, total_steps, min_lr_ratio)
+    adamw = optax.adamw(lr_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm), adamw)
+
+
+def _optimizer(cfg: PPOConfig, lr: float) -> optax.GradientTransformation:
+    return make_optimizer(
+        lr,
+        schedule=cfg.lr_schedule,
+        warmup_steps=cfg.warmup_steps,
+        total_steps=cfg.total_steps,
+        min_lr_ratio=cfg.min_lr_ratio,
+        b1=cfg.adam_b1,
+        b2=cfg.adam_b2,
+        eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+    )
+
+
+def actor_optimizer(cfg: PPOConfig) -> optax.GradientTransformation:
+    return _optimizer(cfg, cfg.actor_lr)
+
+
+def critic_optimizer(cfg: PPOConfig) -> optax.GradientTransformation:
+    return _optimizer(cfg, cfg.critic_lr)
+
+
+def updates_applied(opt_state) -> jax.Array:
+    """Optimiser updates applied so far (the schedule's step), from a `make_optimizer` state."""
+    return opt_state[1][0].count
+
+
+def current_lr(cfg: PPOConfig, opt_state, peak_lr: float) -> jax.Array:
+    """The learning rate the next update of this optimiser state will use."""
+    lr_fn = make_lr_schedule(
+        peak_lr, cfg.lr_schedule, cfg.warmup_steps, cfg.total_steps, cfg.min_lr_ratio
+    )
+    return jnp.asarray(lr_fn(updates_applied(opt_state)), jnp.float32)
+
+
+# --------------------------------------------------------------------------- train state
+def create_train_state(cfg: PPOConfig, actor_params, critic_params, ref_params, rng) -> TrainState:
+    """Assemble a fresh state from params (pure; boxed params give boxed optimiser states)."""
+    if cfg.use_critic and critic_params is None:
+        raise ValueError(f"advantage_estimator={cfg.advantage_estimator!r} needs critic params")
+    if not cfg.use_critic:
+        critic_params = None
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        actor_params=actor_params,
+        actor_opt_state=actor_optimizer(cfg).init(actor_params),
+        critic_params=critic_params,
+        critic_opt_state=None
+        if critic_params is None
+        else critic_optimizer(cfg).init(critic_params),
+        ref_params=ref_params if cfg.use_ref else None,
+        kl_coef=jnp.asarray(cfg.kl_coef, jnp.float32),
+        rng=jnp.asarray(rng, jnp.uint32),
+        skipped_steps=jnp.zeros((), jnp.int32),
+        consecutive_skips=jnp.zeros((), jnp.int32),
+    )
+
+
+def _abstract_boxed_state(cfg, actor_model, critic_model):
+    actor = sharding.abstract_params(actor_model)
+    critic = sharding.abstract_params(critic_model) if cfg.use_critic else None
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    return jax.eval_shape(lambda a, c, r: create_train_state(cfg, a, c, a, r), actor, critic, rng)
+
+
+def train_state_shardings(
+    cfg: PPOConfig, actor_model: nn.Module, critic_model: nn.Module | None, mesh, rules=None
+) -> TrainState:
+    """A TrainState of NamedShardings: params and optimiser moments per the logical `rules`
+    (default TRAIN_RULES), scalars replicated."""
+    rules = sharding.TRAIN_RULES if rules is None else rules
+    if cfg.use_critic and critic_model is None:
+        raise ValueError(f"advantage_estimator={cfg.advantage_estimator!r} needs a critic model")
+    return sharding.shardings_for(
+        _abstract_boxed_state(cfg, actor_model, critic_model), mesh, rules
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_init(cfg, actor_model, critic_model, mesh, rules):
+    """One jitted initialiser per (config, models, mesh, rules): re-initialising is free."""
+    shardings = train_state_shardings(cfg, actor_model, critic_model, mesh, rules)
+    dummy = jnp.zeros((1, 1), jnp.int32)
+
+    def init(rng, actor_params, critic_params, ref_params):
+        k_actor, k_critic, k_state = jax.random.split(rng, 3)
+        if actor_params is None:
+            actor_params = nn.meta.unbox(actor_model.init(k_actor, dummy, dummy, dummy)["params"])
+        if critic_params is None and cfg.use_critic:
+            critic_params = nn.meta.unbox(
+                critic_model.init(k_critic, dummy, dummy, dummy)["params"]
+            )
+        if ref_params is None and cfg.use_ref:
+            # A real copy: donating a state whose actor and ref share buffers would fail.
+            ref_params = jax.tree.map(jnp.copy, actor_params)
+        return create_train_state(cfg, actor_params, critic_params, ref_params, k_state)
+
+    return jax.jit(init, out_shardings=shardings)
+
+
+def init_train_state(
+    cfg: PPOConfig,
+    actor_model: nn.Module,
+    critic_model: nn.Module | None,
+    rng: jax.Array,
+    mesh,
+    rules=None,
+    *,
+    actor_params=None,
+    critic_params=None,
+    ref_params=None,
+) -> TrainState:
+    """A TrainState created directly in its shardings (one jitted init, no host copy).
+
+    Params not given are initialised from `rng` (`model.init`); `ref_params` defaults to a copy
+    of the initial actor params. Given params (e.g. from a checkpoint or HF import) may live
+    anywhere; they are resharded. Models are called as `model(tokens, positions, mask)`.
+    """
+    rules = sharding.TRAIN_RULES if rules is None else rules
+    if cfg.use_critic and critic_model is None:
+        raise ValueError(f"advantage_estimator={cfg.advantage_estimator!r} needs a critic model")
+    init = _jitted_init(cfg, actor_model, critic_model if cfg.use_critic else None, mesh, rules)
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.key_data(rng)
+    with sharding.mesh_rules(mesh, rules):
+        return init(rng, actor_params, critic_params, ref_params)
