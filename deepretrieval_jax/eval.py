@@ -277,7 +277,7 @@ def evaluate(
 def policy_generate_fn(
     model_config,
     params,
-    tokenizer,
+    codec,
     decode: DecodeSpec,
     *,
     batch_size: int = 16,
@@ -286,8 +286,11 @@ def policy_generate_fn(
 ) -> GenerateFn:
     """A `GenerateFn` decoding with the project's jitted sampler (greedy when temperature 0).
 
-    Batches of `batch_size` prompts are left-padded to a bucket; batch i draws its key from
-    `jax.random.fold_in(key(decode.seed), i)`, so a run is reproducible from the recorded seed.
+    `codec` turns text into model ids and back: a `Tokenizer`, or `rl.setup.Codec` for a
+    compact-vocabulary model (`encode`, `decode`, `eos_ids`, `pad_id`). Batches of
+    `batch_size` prompts are left-padded (the sampler rounds up to a bucket); batch i draws its
+    key from `jax.random.fold_in(key(decode.seed), i)`, so a run is reproducible from the
+    recorded seed. The end-of-sequence token that finished a row is not part of its text.
     """
     import jax
     import numpy as np
@@ -295,30 +298,41 @@ def policy_generate_fn(
     from deepretrieval_jax import sampler as sampler_lib
 
     greedy = decode.temperature == 0
+    eos = tuple(int(i) for i in codec.eos_ids)
     config = sampler_lib.SamplingConfig(
         method="greedy" if greedy else "sample",
         temperature=1.0 if greedy else decode.temperature,
         top_k=decode.top_k,
         top_p=decode.top_p,
         max_new_tokens=decode.max_new_tokens,
-        eos_ids=tuple(tokenizer.eos_ids),
-        pad_id=tokenizer.pad_id,
+        eos_ids=eos,
+        pad_id=int(codec.pad_id),
     )
     sampler = sampler_lib.Sampler(
         sampler_lib.causal_lm_fns(model_config), config, mesh=mesh, prompt_buckets=prompt_buckets
     )
     key = jax.random.key(decode.seed)
 
+    def left_pad(texts):
+        rows = [codec.encode(t) for t in texts]
+        width = max(len(r) for r in rows)
+        tokens = np.full((len(rows), width), config.pad_id, np.int32)
+        mask = np.zeros((len(rows), width), np.int32)
+        for b, r in enumerate(rows):
+            tokens[b, width - len(r) :], mask[b, width - len(r) :] = r, 1
+        return tokens, mask
+
     def generate(prompts: list[str]) -> list[str]:
         out: list[str] = []
         for i in range(0, len(prompts), batch_size):
-            tokens, mask = tokenizer.encode_batch(prompts[i : i + batch_size], prompt_buckets)
+            tokens, mask = left_pad(prompts[i : i + batch_size])
             res = sampler(params, tokens, mask, jax.random.fold_in(key, i // batch_size))
             rows, lengths = np.asarray(res.tokens_BnxL), np.asarray(res.lengths_Bn)
-            out += [
-                tokenizer.decode(r[:n], skip_special_tokens=True)
-                for r, n in zip(rows, lengths, strict=True)
-            ]
+            for row, n in zip(rows, lengths, strict=True):
+                ids = row[:n]
+                if n and int(ids[-1]) in eos:
+                    ids = ids[:-1]
+                out.append(codec.decode(ids))
         return out
 
     return generate
@@ -357,16 +371,16 @@ def make_backend(spec: TaskSpec, data_dir: Path | None, index_overrides: Mapping
     raise NotImplementedError(f"task {spec.name}: no evaluation backend for {spec.backend!r} yet")
 
 
-def _policy(cfg, spec: TaskSpec, decode: DecodeSpec):
-    """(generate_fn, tokenizer) for the policy in config.eval.checkpoint_dir or model.hf_path."""
+def _policy(cfg, decode: DecodeSpec):
+    """(generate_fn, tokenizer) for the policy in config.eval.checkpoint_dir (a training run's
+    CheckpointManager dir) or else model.hf_path / model.init_checkpoint (`rl.setup`)."""
     import jax
     from flax import linen as nn
 
     from deepretrieval_jax import checkpoint, models, sharding
     from deepretrieval_jax.rl import setup
 
-    model_cfg = setup.model_config(cfg)
-    tokenizer = setup.load_tokenizer(cfg, model_cfg)
+    _, model_cfg, codec = setup.text_setup(cfg)  # same (compact) vocabulary as training
     mesh, rules = sharding.make_mesh(cfg.mesh), sharding.SAMPLER_RULES
     module = models.CausalLM(model_cfg)
     if cfg.eval.checkpoint_dir:
@@ -383,10 +397,10 @@ def _policy(cfg, spec: TaskSpec, decode: DecodeSpec):
     else:
         params = setup.load_policy_params(cfg, module, mesh, rules, jax.random.key(cfg.seed))
     generate = policy_generate_fn(
-        model_cfg, params, tokenizer, decode, batch_size=cfg.eval.batch_size,
+        model_cfg, params, codec, decode, batch_size=cfg.eval.batch_size,
         prompt_buckets=tuple(cfg.data.prompt_buckets), mesh=mesh,
     )  # fmt: skip
-    return generate, tokenizer
+    return generate, codec.tokenizer
 
 
 def run(cfg, workdir: str | os.PathLike) -> EvalReport:
@@ -416,7 +430,7 @@ def run(cfg, workdir: str | os.PathLike) -> EvalReport:
         corpus = data_dir / spec.corpus / "corpus.jsonl"
         kwargs["passages"] = {i: text for i, _, text in iter_beir_corpus(corpus)}
     if e.method == "policy":
-        kwargs["generate_fn"], kwargs["tokenizer"] = _policy(cfg, spec, decode)
+        kwargs["generate_fn"], kwargs["tokenizer"] = _policy(cfg, decode)
     logging.info(
         "Evaluating %s on %s/%s (%d examples)", e.method, spec.name, e.split, len(examples)
     )

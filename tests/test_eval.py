@@ -166,19 +166,12 @@ class ByteTokenizer:
 
     eos_ids, pad_id = (0,), 0
 
-    def encode_batch(self, texts, buckets):
-        import numpy as np
+    def encode(self, text):
+        return list(text.encode()[-60:]) or [1]
 
-        rows = [list(t.encode()[-60:]) or [1] for t in texts]
-        width = max(len(r) for r in rows)
-        tokens = np.zeros((len(rows), width), np.int32)
-        mask = np.zeros((len(rows), width), np.int32)
-        for i, r in enumerate(rows):
-            tokens[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
-        return tokens, mask
-
-    def decode(self, ids, skip_special_tokens=False):
-        return bytes(int(i) for i in ids if i).decode("latin-1")
+    def decode(self, ids):
+        assert 0 not in list(ids), "the end-of-sequence id must be cut off"
+        return bytes(int(i) for i in ids).decode("latin-1")
 
 
 def test_policy_generate_fn_runs_the_sampler_reproducibly():
