@@ -210,3 +210,20 @@ def test_example_json_round_trip():
     ex = Example("a", {"question": "q", "schema": "s"}, {"d": 1}, {"db_id": "x"}, {"row": 3})
     assert Example.from_json(ex.to_json()) == ex
     assert Example.from_json(ex.to_json().encode()) == ex
+
+
+def test_dpr_passages_to_beir(tmp_path):
+    import gzip
+
+    src = tmp_path / "psgs.tsv.gz"
+    with gzip.open(src, "wt") as f:
+        f.write(
+            'id\ttext\ttitle\n1\t"Aaron is a prophet"\tAaron\n2\tHamlet by Shakespeare\tHamlet\n'
+        )
+    assert C.dpr_passages_to_beir(src, tmp_path / "wiki") == 2
+    docs = list(C.iter_beir_corpus(tmp_path / "wiki" / "corpus.jsonl"))
+    assert docs == [("1", "Aaron", "Aaron is a prophet"), ("2", "Hamlet", "Hamlet by Shakespeare")]
+    (tmp_path / "bad.tsv").write_text("id\ttext\ttitle\n1\tonly two\n")
+    with pytest.raises(DataFormatError, match="bad.tsv, line 2: expected 3 columns"):
+        C.dpr_passages_to_beir(tmp_path / "bad.tsv", tmp_path / "w2")
+    assert list((tmp_path / "w2").iterdir()) == []

@@ -321,3 +321,37 @@ def read_sql_json(path: PathLike, db_root: PathLike, dataset: str) -> list[Examp
             )
         )
     return out
+
+
+# --- DPR Wikipedia passages -> BEIR corpus ------------------------------------------------------
+
+
+def dpr_passages_to_beir(tsv_path: PathLike, out_dir: PathLike) -> int:
+    """DPR's `psgs_w100.tsv[.gz]` (`id<TAB>text<TAB>title`, header) -> `out_dir/corpus.jsonl`.
+
+    The evidence tasks' BM25 index and answer matching read this BEIR-layout corpus. Returns
+    the number of passages written.
+    """
+    import gzip
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    opener = gzip.open if str(tsv_path).endswith(".gz") else open
+    n = 0
+    tmp = out / "corpus.jsonl.part"
+    try:
+        with opener(tsv_path, "rt", encoding="utf-8", newline="") as f, open(tmp, "w") as w:
+            for lineno, row in enumerate(csv.reader(f, delimiter="\t"), 1):
+                if lineno == 1 and row[:1] == ["id"]:
+                    continue
+                if len(row) != 3:
+                    raise DataFormatError(
+                        tsv_path, lineno, None, f"expected 3 columns, got {len(row)}"
+                    )
+                w.write(json.dumps({"_id": row[0], "title": row[2], "text": row[1]}) + "\n")
+                n += 1
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave a half-written corpus behind
+        raise
+    os.replace(tmp, out / "corpus.jsonl")
+    return n
