@@ -1,33 +1,31 @@
-"""Hyper-parameter sweeps: declare, validate, lay out and launch `--config.a.b=v` override sets.
+"""Hyper-parameter sweeps: declare and validate sets of `--config.a.b=v` overrides.
 
 A sweep is a list of `Point`s, each an ordered set of (dotted config path, value) overrides with
 a readable name (`actor_lr=1e-06,kl_coef=0.001`). Build it in a sweep file (or next to the
 experiment in its config file) with big_vision/xmanager-hyper style helpers:
 
+    from deepretrieval_jax import sweep as hyper
+
     def get_sweep(arg=None):
-        return sweep.product([
-            sweep.sweep("config.ppo.actor_lr", [1e-6, 3e-6]),
-            sweep.zip(sweep.sweep("config.ppo.kl_coef", [0.001, 0.01]),
-                      sweep.sweep("config.ppo.entropy_coef", [0.0, 0.001])),
-            sweep.fixed("config.train.num_steps", 200),   # same for every point, not in names
+        return hyper.product([
+            hyper.sweep("config.ppo.actor_lr", [1e-6, 3e-6]),
+            hyper.zip(hyper.sweep("config.ppo.kl_coef", [0.001, 0.01]),
+                      hyper.sweep("config.ppo.entropy_coef", [0.0, 0.001])),
+            hyper.fixed("config.train.num_steps", 200),  # every point, not in names
         ])
 
 Invariants:
-- Nothing starts before every point validates: `resolve_points` applies each point's overrides
+- Nothing starts before every point validates: `resolve_point` applies each point's overrides
   to a locked copy of the base config (unknown field or wrong Python type -> `SweepError`), then
   parses them as the exact command-line flags `launch/train.py` will receive (so the config saved
   in the point's workdir is the config the trainer sees), then runs `config.validate`.
-- Workdir layout: `ROOT/<point name>/` holds `config.json` (the fully resolved config),
-  `sweep_point.json` (name, overrides, command) and, for local runs, `train.log`;
-  `ROOT/sweep.json` lists every point.
-- A point is finished when its workdir holds a finalised checkpoint (a `checkpoints/<step>/`
-  directory with orbax's commit marker, what `checkpoint.CheckpointManager` counts) at step
-  >= the config's total steps (`train.num_steps`): the trainer always checkpoints its last step.
-  Re-running a sweep skips finished points and re-launches the others with the same workdir,
-  which makes the trainer resume from its latest checkpoint.
-- Local runs: at most `parallel` processes at once, each pinned to its own slot of
-  `gpus_per_run` GPUs (CUDA_VISIBLE_DEVICES) and `cpus_per_run` cores (taskset). Ctrl-C sends
-  SIGTERM to the running points (the trainer checkpoints and stops) and waits for them.
+- A point's workdir is ROOT/<point name> (`Point.dirname`). The point is finished when the
+  workdir holds a finalised checkpoint (a `checkpoints/<step>/` directory with orbax's commit
+  marker, what `checkpoint.CheckpointManager` counts) at step >= the config's total steps
+  (`train.num_steps`): the trainer always checkpoints its last step. Re-launching train with
+  the same workdir resumes from the latest checkpoint.
+
+Running, layout and cluster scripts: `deepretrieval_jax.sweep_runner` (and launch/sweep.py).
 """
 
 from __future__ import annotations
@@ -36,15 +34,9 @@ import builtins
 import dataclasses
 import importlib.util
 import itertools
-import json
 import os
-import queue
 import re
-import shlex
-import shutil
-import subprocess
 import sys
-import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,12 +44,6 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT_DIR = "checkpoints"  # rl.setup.CHECKPOINT_DIR (not imported: it pulls in JAX)
 COMMIT_MARKER = "commit_success.txt"  # orbax's marker of a finalised step
-POINT_FILE, CONFIG_FILE, LOG_FILE, SWEEP_FILE = (
-    "sweep_point.json",
-    "config.json",
-    "train.log",
-    "sweep.json",
-)
 
 
 class SweepError(ValueError):
@@ -352,258 +338,3 @@ def plan(
             ) from e
         runs.append(Run(p, Path(root).absolute() / p.dirname, cfg, total))
     return runs
-
-
-def command(
-    run: Run,
-    config_spec: str,
-    extra: Sequence[str] = (),
-    script: str = "launch/train.py",
-    python: str = "python",
-) -> list[str]:
-    """The training command of one run (paths as given; run it from the repository root)."""
-    return [
-        python,
-        script,
-        f"--config={config_spec}",
-        f"--workdir={run.workdir}",
-        *override_flags(run.point, extra),
-    ]
-
-
-def write_layout(runs: Sequence[Run], root: str | os.PathLike) -> None:
-    """Writes each point's config.json and sweep_point.json, and ROOT/sweep.json."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    summary = []
-    for run in runs:
-        run.workdir.mkdir(parents=True, exist_ok=True)
-        (run.workdir / CONFIG_FILE).write_text(run.config.to_json_best_effort(indent=2) + "\n")
-        info = {
-            "name": run.name,
-            "overrides": {k: format_value(v) for k, v in run.point.overrides},
-            "command": shlex.join(run.command),
-            "total_steps": run.total_steps,
-        }
-        (run.workdir / POINT_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        summary.append({**info, "workdir": str(run.workdir), "status": status(run)})
-    (root / SWEEP_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-
-
-def slot_env(slot: int, gpus_per_run: int = 0) -> dict[str, str]:
-    """Environment of a local slot: its own GPUs when `gpus_per_run` > 0."""
-    if gpus_per_run <= 0:
-        return {}
-    ids = range(slot * gpus_per_run, (slot + 1) * gpus_per_run)
-    return {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in ids)}
-
-
-def slot_cpus(slot: int, cpus_per_run: int) -> list[int]:
-    """The cores of a local slot (wrapping around the cores this process may use)."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    cores = cores or list(range(os.cpu_count() or 1))
-    return [cores[(slot * cpus_per_run + i) % len(cores)] for i in range(cpus_per_run)]
-
-
-def run_local(
-    runs: Sequence[Run],
-    parallel: int = 1,
-    gpus_per_run: int = 0,
-    cpus_per_run: int = 0,
-    log=print,
-) -> dict[str, int | None]:
-    """Runs unfinished points (`parallel` at once); returns name -> exit code (None: skipped)."""
-    if parallel < 1:
-        raise SweepError(f"parallel must be >= 1, got {parallel}")
-    if cpus_per_run > 0 and not shutil.which("taskset"):
-        raise SweepError("cpus_per_run needs the `taskset` command (util-linux)")
-    results: dict[str, int | None] = {}
-    todo = []
-    for run in runs:
-        state = status(run)
-        if state == "finished":
-            log(f"[{run.name}] finished (step {finished_step(run.workdir)}): skipped")
-            results[run.name] = None
-        else:
-            todo.append((run, run.command, state))
-    slots: queue.Queue[int] = queue.Queue()
-    for i in range(parallel):
-        slots.put(i)
-    procs: dict[str, subprocess.Popen] = {}
-    lock = threading.Lock()
-    stopping = threading.Event()
-
-    def one(run: Run, cmd: list[str], state: str) -> None:
-        slot = slots.get()
-        try:
-            if stopping.is_set():
-                return
-            env = {**os.environ, **slot_env(slot, gpus_per_run)}
-            if cpus_per_run > 0:
-                cmd = ["taskset", "-c", ",".join(map(str, slot_cpus(slot, cpus_per_run))), *cmd]
-            log(f"[{run.name}] {state} (slot {slot}): {shlex.join(cmd)}")
-            with open(run.workdir / LOG_FILE, "a", encoding="utf-8") as out:
-                with lock:
-                    procs[run.name] = subprocess.Popen(
-                        cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT
-                    )
-                code = procs[run.name].wait()
-            results[run.name] = code
-            log(f"[{run.name}] exit {code}; log: {run.workdir / LOG_FILE}")
-        finally:
-            slots.put(slot)
-
-    threads = [threading.Thread(target=one, args=item, daemon=True) for item in todo]
-    for t in threads:
-        t.start()
-    try:
-        for t in threads:
-            t.join()
-    except KeyboardInterrupt:
-        stopping.set()
-        log("Interrupted: SIGTERM to running points (they checkpoint), waiting for them")
-        with lock:
-            for p in procs.values():
-                if p.poll() is None:
-                    p.terminate()
-        for t in threads:
-            t.join()
-        raise
-    return results
-
-
-def tpu_script(runs: Sequence[Run], tpu: str, zone: str) -> str:
-    """A bash script running the points one after another on a TPU pod slice (tpu_pod.sh)."""
-    lines = ["#!/usr/bin/env bash", "# Generated by launch/sweep.py: one TPU pod slice job per point.",
-             "set -uo pipefail", f"cd {shlex.quote(str(REPO_ROOT))}"]  # fmt: skip
-    for run in runs:
-        lines.append(f"# {run.name}")
-        lines.append(
-            f"TPU_NAME={shlex.quote(tpu)} ZONE={shlex.quote(zone)} bash launch/tpu_pod.sh "
-            + shlex.join(run.command[1:])
-        )
-    return "\n".join(lines) + "\n"
-
-
-def slurm_script(
-    runs: Sequence[Run],
-    root: str | os.PathLike,
-    sbatch_options: Sequence[str] = (),
-    max_parallel: int = 0,
-) -> str:
-    """An sbatch array job: task i runs point i (`#SBATCH` lines from `sbatch_options`)."""
-    throttle = f"%{max_parallel}" if max_parallel > 0 else ""
-    lines = [
-        "#!/usr/bin/env bash",
-        "#SBATCH --job-name=sweep",
-        f"#SBATCH --array=0-{len(runs) - 1}{throttle}",
-        f"#SBATCH --output={Path(root).absolute()}/slurm-%A_%a.out",
-        *(f"#SBATCH {opt}" for opt in sbatch_options),
-        "# Generated by launch/sweep.py. Submit: sbatch THIS_FILE",
-        "set -euo pipefail",
-        f"cd {shlex.quote(str(REPO_ROOT))}",
-        'case "$SLURM_ARRAY_TASK_ID" in',
-    ]
-    for i, run in enumerate(runs):
-        lines.append(f"  {i}) exec srun {shlex.join(run.command)} ;;  # {run.name}")
-    lines += ['  *) echo "no sweep point $SLURM_ARRAY_TASK_ID" >&2; exit 2 ;;', "esac"]
-    return "\n".join(lines) + "\n"
-
-
-def _repo_relative(path: str) -> str:
-    """`path` relative to the repository root when inside it (commands run from there)."""
-    file_path, _, arg = path.partition(":")
-    absolute = Path(file_path).absolute()
-    try:
-        shown = str(absolute.relative_to(REPO_ROOT))
-    except ValueError:
-        shown = str(absolute)
-    return f"{shown}:{arg}" if arg else shown
-
-
-MODES = ("local", "print", "tpu", "slurm")
-
-
-def execute(
-    config_spec: str,
-    root: str | os.PathLike,
-    sweep_spec: str = "",
-    mode: str = "local",
-    extra: Sequence[str] = (),
-    script: str = "launch/train.py",
-    steps_field: str = "train.num_steps",
-    parallel: int = 1,
-    gpus_per_run: int = 0,
-    cpus_per_run: int = 0,
-    tpu: str = "",
-    zone: str = "",
-    sbatch_options: Sequence[str] = (),
-    log=print,
-) -> int:
-    """Expands, validates and lays out a sweep, then runs or writes it; returns an exit code.
-
-    Args:
-      config_spec: base experiment config, "configs/x.py[:arg]".
-      root: sweep directory; point workdirs are ROOT/<point name>.
-      sweep_spec: file with `get_sweep(arg=None)`, "path.py[:arg]"; "" = the config file.
-      mode: "local" (run here), "print" (one command per line), "tpu" (write
-        ROOT/tpu_sweep.sh for launch/tpu_pod.sh), "slurm" (write ROOT/sweep.sbatch array job).
-      extra: "a.b=v" overrides applied to every point (not part of names).
-      script: the entry point each point runs (launch/train.py; launch/sft.py for SFT sweeps).
-      steps_field: config field holding the total steps (finished = a checkpoint at that step).
-    """
-    if mode not in MODES:
-        raise SweepError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "tpu" and not (tpu and zone):
-        raise SweepError("mode 'tpu' needs the TPU name and zone (--tpu_name, --zone)")
-    if not Path(script).is_file():
-        raise SweepError(f"script {script!r} does not exist")
-    points = load_sweep(sweep_spec or config_spec)
-    runs = plan(config_spec, points, root, extra, steps_field)
-    python = sys.executable if mode == "local" else "python3"
-    cfg_shown, script_shown = _repo_relative(config_spec), _repo_relative(script)
-    for r in runs:
-        r.command = command(r, cfg_shown, extra, script_shown, python)
-    write_layout(runs, root)
-    log(f"Sweep of {len(runs)} points under {Path(root).absolute()}")
-    if mode == "local":
-        results = run_local(runs, parallel, gpus_per_run, cpus_per_run, log)
-        failed = sorted(n for n, code in results.items() if code)
-        if failed:
-            log(f"{len(failed)} point(s) failed: {failed} (see their {LOG_FILE})")
-        return 1 if failed else 0
-    todo = []
-    for r in runs:
-        state = status(r)
-        if state == "finished":
-            log(f"[{r.name}] finished (step {finished_step(r.workdir)}): left out")
-        else:
-            todo.append(r)
-    if not todo:
-        log("Every point is finished.")
-        return 0
-    if mode == "print":
-        for r in todo:
-            print(f"# {r.name} ({status(r)})\n{shlex.join(r.command)}")
-    elif mode == "tpu":
-        out = Path(root) / "tpu_sweep.sh"
-        out.write_text(tpu_script(todo, tpu, zone))
-        log(f"Wrote {out}; run: bash {out}")
-    else:
-        out = Path(root) / "sweep.sbatch"
-        out.write_text(slurm_script(todo, root, sbatch_options, parallel))
-        log(f"Wrote {out}; submit: sbatch {out}")
-    return 0
-    todo_runs, todo_cmds = [r for r, _ in todo], [c for _, c in todo]
-    if mode == "print":
-        for r, c in todo:
-            print(f"# {r.name} ({status(r)})\n{shlex.join(c)}")
-    elif mode == "tpu":
-        out = Path(root) / "tpu_sweep.sh"
-        out.write_text(tpu_script(todo_runs, todo_cmds, tpu, zone))
-        log(f"Wrote {out}; run: bash {out}")
-    else:
-        out = Path(root) / "sweep.sbatch"
-        out.write_text(slurm_script(todo_runs, todo_cmds, root, sbatch_options, parallel))
-        log(f"Wrote {out}; submit: sbatch {out}")
-    return 0

@@ -15,12 +15,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from deepretrieval_jax import sweep  # noqa: E402
+from deepretrieval_jax import sweep, sweep_runner  # noqa: E402
 
 _CONFIG = flags.DEFINE_string("config", None, "Base experiment config, path.py[:arg].")
 _SWEEP = flags.DEFINE_string("sweep", "", "File with get_sweep(arg=None); default: --config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep root; points run in WORKDIR/<name>.")
-_MODE = flags.DEFINE_enum("mode", "local", list(sweep.MODES), "Run here or write commands.")
+_MODE = flags.DEFINE_enum("mode", "local", list(sweep_runner.MODES), "Run here or write commands.")
 _OVERRIDE = flags.DEFINE_multi_string("override", [], "a.b=v set for every point.")
 _SCRIPT = flags.DEFINE_string("script", "launch/train.py", "Entry point of each point.")
 _STEPS_FIELD = flags.DEFINE_string("steps_field", "train.num_steps", "Total-steps field.")
@@ -39,7 +39,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
-        code = sweep.execute(
+        code = sweep_runner.execute(
             _CONFIG.value, _WORKDIR.value, _SWEEP.value, _MODE.value, _OVERRIDE.value,
             _SCRIPT.value, _STEPS_FIELD.value, _PARALLEL.value, _GPUS.value, _CPUS.value,
             _TPU.value, _ZONE.value, _SBATCH.value,

@@ -1,5 +1,5 @@
-"""Sweeps: expansion and names, validation against the base config, the local runner
-(skip finished, resume interrupted) with real subprocesses, and the TPU/SLURM scripts.
+"""Sweeps (sweep.py, sweep_runner.py): expansion and names, validation against the config,
+the local runner (skip finished, resume interrupted) with real subprocesses, TPU/SLURM scripts.
 
 The runner tests run a stand-in training script (written below, no JAX) that behaves like
 launch/train.py on disk: it resumes from the newest finalised checkpoint in WORKDIR/checkpoints,
@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from deepretrieval_jax import sweep as hyper
+from deepretrieval_jax import sweep_runner as runner
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo.py")
@@ -197,7 +198,7 @@ def test_local_runner_skips_finished_and_resumes_interrupted(tmp_path, monkeypat
     root = tmp_path / "root"
     kw = dict(sweep_spec=spec, extra=["train.num_steps=4"], script=str(fake), log=lambda m: None)
     monkeypatch.setenv("FAKE_CRASH_POINT", "actor_lr=2e-05")
-    assert hyper.execute(DEMO, root, parallel=2, **kw) == 1  # one point crashed
+    assert runner.execute(DEMO, root, parallel=2, **kw) == 1  # one point crashed
     first = _invocations(root)
     assert sorted(i["name"] for i in first) == [
         "actor_lr=1e-05",
@@ -213,7 +214,7 @@ def test_local_runner_skips_finished_and_resumes_interrupted(tmp_path, monkeypat
     assert points["actor_lr=2e-05"]["overrides"] == {"ppo.actor_lr": "2e-05"}
 
     monkeypatch.delenv("FAKE_CRASH_POINT")
-    assert hyper.execute(DEMO, root, **kw) == 0
+    assert runner.execute(DEMO, root, **kw) == 0
     second = _invocations(root)[len(first) :]
     assert [(i["name"], i["start"]) for i in second] == [("actor_lr=2e-05", 2)]
     steps = [
@@ -222,7 +223,7 @@ def test_local_runner_skips_finished_and_resumes_interrupted(tmp_path, monkeypat
     assert steps == [1, 2, 3, 4]
     assert "--config.ppo.actor_lr=2e-05" in second[0]["argv"]
 
-    assert hyper.execute(DEMO, root, **kw) == 0
+    assert runner.execute(DEMO, root, **kw) == 0
     assert len(_invocations(root)) == len(first) + 1  # everything finished: nothing ran
     statuses = {p["name"]: p["status"] for p in json.loads((root / "sweep.json").read_text())}
     assert set(statuses.values()) == {"finished"}
@@ -235,17 +236,17 @@ def test_local_runner_pins_each_slot(tmp_path):
         tmp_path, "def get_sweep(arg=None):\n    return hyper.sweep('seed', [1, 2, 3, 4])\n"
     )
     root = tmp_path / "root"
-    code = hyper.execute(
+    code = runner.execute(
         DEMO, root, spec, extra=["train.num_steps=1"], script=str(fake), parallel=2,
         gpus_per_run=2, cpus_per_run=1, log=lambda m: None,
     )  # fmt: skip
     assert code == 0
     calls = _invocations(root)
     assert len(calls) == 4
-    slots = {0: ([hyper.slot_cpus(0, 1)[0]], "0,1"), 1: ([hyper.slot_cpus(1, 1)[0]], "2,3")}
+    slots = {0: ([runner.slot_cpus(0, 1)[0]], "0,1"), 1: ([runner.slot_cpus(1, 1)[0]], "2,3")}
     for call in calls:
         assert (call["cpus"], call["gpus"]) in slots.values()
-    assert hyper.slot_env(1, 2) == {"CUDA_VISIBLE_DEVICES": "2,3"} and hyper.slot_env(0, 0) == {}
+    assert runner.slot_env(1, 2) == {"CUDA_VISIBLE_DEVICES": "2,3"} and runner.slot_env(0, 0) == {}
 
 
 def test_bad_point_stops_before_anything_runs(tmp_path):
@@ -256,7 +257,7 @@ def test_bad_point_stops_before_anything_runs(tmp_path):
         "def get_sweep(arg=None):\n    return hyper.sweep('ppo.kl_coef', [0.1, 'high'])\n",
     )
     with pytest.raises(hyper.SweepError, match=r"kl_coef='high'"):
-        hyper.execute(DEMO, tmp_path / "root", spec, script=str(fake), log=lambda m: None)
+        runner.execute(DEMO, tmp_path / "root", spec, script=str(fake), log=lambda m: None)
     assert not (tmp_path / "root").exists() and not _invocations(tmp_path / "root")
 
 
