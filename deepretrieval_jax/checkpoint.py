@@ -11,8 +11,9 @@ Invariants:
 - A step is *finalised* when orbax has renamed its temporary directory
   (`<step>.orbax-checkpoint-tmp-*`) into place and the step contains orbax's commit marker
   (`commit_success.txt`). Only finalised steps are listed, restored or counted as latest, so a
-  crash mid-save never leaves a corrupt "latest" checkpoint; leftover temporary directories are
-  deleted in the background once a manager is opened (finished by `wait_until_finished`).
+  crash mid-save never leaves a corrupt "latest" checkpoint. Opening a manager deletes leftover
+  temporary directories (in the background; `wait_until_finished` waits for it) and renames
+  step directories without the marker to `<step>.unfinished-<n>`, so later saves are not skipped.
 - Keeps the last `max_to_keep` finalised steps. How often to save is the caller's decision.
 - Multi-host: every process calls `save` and `restore`; orbax writes shared files from the
   primary process only.
@@ -146,6 +147,21 @@ def _finalised_steps(directory: epath.Path) -> list[int]:
     )
 
 
+def _set_aside_unfinished(directory: epath.Path) -> None:
+    """Renames step directories without the commit marker to `<step>.unfinished-<n>`.
+
+    On local disks orbax trusts the rename alone, so such a directory would count as its latest
+    step and make it skip saving every lower step. The primary process renames; all wait.
+    """
+    if ocp.multihost.is_primary_host(0) and directory.is_dir():
+        for p in directory.iterdir():
+            if p.name.isdigit() and p.is_dir() and not (p / _COMMIT_MARKER).exists():
+                n = sum(1 for q in directory.iterdir() if q.name.startswith(p.name + ".unfinished"))
+                p.rename(directory / f"{p.name}.unfinished-{n}")
+    if jax.process_count() > 1:
+        ocp.multihost.sync_global_processes("deepretrieval_jax_set_aside_unfinished")
+
+
 def _resolve(directory: epath.Path, step: int | None) -> epath.Path:
     """The directory of a finalised step; FileNotFoundError saying what exists."""
     if not directory.is_dir():
@@ -183,6 +199,7 @@ class CheckpointManager:
         self.directory = _as_path(directory)
         if self.directory.exists() and not self.directory.is_dir():
             raise NotADirectoryError(f"{self.directory}: checkpoint path is not a directory")
+        _set_aside_unfinished(self.directory)
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep),
             enable_async_checkpointing=async_save,

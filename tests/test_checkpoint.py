@@ -156,8 +156,11 @@ def test_unfinished_saves_are_ignored(tmp_path):
         FileNotFoundError, match=r"no finalised checkpoint for step 6 \(have \[4\]\)"
     ):
         mgr.restore(step=6)
+    assert mgr.save(5, make_state(m, seed=5))  # not skipped because of the bogus step 6
     mgr.close()
+    assert mgr.all_steps() == [4, 5]
     assert not (tmp_path / "5.orbax-checkpoint-tmp-1700000000").exists()  # cleaned on open
+    assert (tmp_path / "6.unfinished-0").is_dir()  # set aside, not deleted
 
 
 def test_process_killed_mid_save_leaves_a_restorable_latest(tmp_path):
