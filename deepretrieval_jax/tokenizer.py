@@ -16,6 +16,9 @@ stale or partial cache is rebuilt.
 Merges are recovered from ranks the standard way: a token of rank r is split into the two parts
 that byte-level BPE, using only merges of rank < r, leaves when run on the token's own bytes.
 That yields exactly one merge per non-byte token (151,387), as in Qwen2.5's `merges.txt`.
+Checked against tiktoken on the same ranks and regex: identical ids on 4,500 texts (13M chars,
+3.95M tokens) once both sides see the same NFC text (Python 3.11's Unicode 14 tables order a few
+newer combining marks differently from the tokenizers crate, as for the real HF tokenizer).
 """
 
 from __future__ import annotations
