@@ -305,3 +305,18 @@ def test_launch_reports_bad_sweep_clearly(tmp_path):
     assert out.returncode == 1
     assert "Sweep error: sweep point 'kl_coeff=0.1': config.ppo.kl_coeff=0.1" in out.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_sequential_runs_start_in_sweep_order(tmp_path):
+    fake = tmp_path / "fake_train.py"
+    fake.write_text(FAKE_TRAIN)
+    spec = _write_sweep(
+        tmp_path, "def get_sweep(arg=None):\n    return hyper.sweep('seed', [3, 1, 2])\n"
+    )
+    root = tmp_path / "root"
+    code = runner.execute(
+        DEMO, root, spec, extra=["train.num_steps=1"], script=str(fake), log=lambda m: None
+    )
+    assert code == 0
+    assert [i["name"] for i in _invocations(root)] == ["seed=3", "seed=1", "seed=2"]
+    assert "fake_train.py" in (root / "seed=1" / "sweep_point.json").read_text()
