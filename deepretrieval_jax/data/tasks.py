@@ -17,6 +17,7 @@ Families (reference sections 1-3):
 from __future__ import annotations
 
 import dataclasses
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -69,6 +70,9 @@ class TaskSpec:
     truncate_field: str = ""  # input field cut by the "truncate" length policy ("" = whole text)
 
     def __post_init__(self):
+        # Frozen all the way down: variants share these mappings, so none may be mutated.
+        for field in ("backend_opts", "reward_opts"):
+            object.__setattr__(self, field, types.MappingProxyType(dict(getattr(self, field))))
         checks = [
             ("family", self.family, FAMILIES),
             ("variant", self.variant, VARIANTS),
