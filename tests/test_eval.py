@@ -234,3 +234,29 @@ def test_run_from_config_writes_the_report(tiny_beir, tmp_path):
     assert report.aggregates["num_examples"] == 2
     assert report.settings["index_opts"] == {"k1": 0.9, "b": 0.4}  # config overrides the task
     assert (tmp_path / "work" / "eval" / "scifact_test_original_query.json").exists()
+
+
+def test_evidence_task_end_to_end_with_passages(tmp_path):
+    from deepretrieval_jax.data.converters import iter_beir_corpus
+
+    corpus = tmp_path / "wiki"
+    corpus.mkdir()
+    passages = {
+        "p1": ("Paris", "Paris is the capital of France."),
+        "p2": ("Hamlet", "Hamlet is a tragedy written by William Shakespeare."),
+        "p3": ("Tragedy", "A tragedy is a kind of drama about a play or a hero."),
+    }
+    with open(corpus / "corpus.jsonl", "w") as f:
+        for i, (title, text) in passages.items():
+            f.write(json.dumps({"_id": i, "title": title, "text": text}) + "\n")
+    spec = tasks.get_task("nq")
+    index = BM25Index.from_beir(str(corpus), BM25Config(**spec.index_opts()))
+    texts = {i: text for i, _, text in iter_beir_corpus(corpus / "corpus.jsonl")}
+    exs = [
+        Example("n1", "who wrote the tragedy hamlet", ["Shakespeare"]),
+        Example("n2", "capital of france", ["Lyon"]),
+    ]
+    report = ev.evaluate(spec, exs, BM25Backend(index), passages=texts)
+    assert report.records[0].metrics["hit@1"] == 1.0  # p2 ranks first and holds the answer
+    assert report.records[1].metrics == dict.fromkeys(spec.eval_metrics, 0.0)
+    assert report.aggregates["metrics"]["hit@5"] == 0.5
