@@ -201,7 +201,8 @@ def sample(
         needs at least one).
       rng: a PRNG key; ignored by greedy decoding.
       token_bytes: the token byte table; required when config.stop is set.
-      max_new_tokens: an optional traced limit <= config.max_new_tokens (no recompilation).
+      max_new_tokens: an optional traced limit in [1, config.max_new_tokens]; changing it
+        does not recompile.
     """
     if config.stop and token_bytes is None:
         raise ValueError("sample: SamplingConfig.stop is set, so token_bytes must be given")
@@ -372,7 +373,13 @@ class Sampler:
         tokens = np.pad(tokens, ((0, B_pad), (T_pad, 0)), constant_values=self.config.pad_id)
         mask = np.pad(mask, ((0, B_pad), (T_pad, 0)))
         mask[B:, -1] = 1  # dummy rows hold one real (pad) token
-        limit = np.int32(self.config.max_new_tokens if max_new_tokens is None else max_new_tokens)
+        limit = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if not 1 <= limit <= self.config.max_new_tokens:
+            raise ValueError(
+                f"Sampler: max_new_tokens must be in [1, {self.config.max_new_tokens}] "
+                f"(SamplingConfig.max_new_tokens), got {limit}"
+            )
+        limit = np.int32(limit)
         rng = jax.random.key(0) if rng is None else rng
         token_bytes = self.token_bytes
         if self.mesh is not None:

@@ -177,6 +177,15 @@ def test_config_is_hashable_and_validated():
             SamplingConfig(**bad)
     with pytest.raises(ValueError, match="token_bytes"):
         Sampler(TOY_FNS, TOY_GREEDY)
+    sampler = Sampler(TOY_FNS, TOY_GREEDY, token_bytes=TOY_BYTES)
+    params = {"table": jnp.asarray(toy_table())}
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        sampler(params, *left_pad([[1]]), max_new_tokens=TOY_GREEDY.max_new_tokens + 1)
+    with pytest.raises(ValueError, match="left-padded"):
+        sampler(params, np.array([[1, 2, 0]]), np.array([[1, 1, 0]]))
+    with pytest.raises(ValueError, match="at least one"):
+        sampler(params, np.array([[0, 0]]), np.array([[0, 0]]))
+    assert sampler.trace_count == 0
 
 
 def test_trace_count_is_bounded_by_prompt_buckets():
