@@ -78,7 +78,10 @@ class Embedder(nn.Module):
         )
 
     def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding, tokens_BxT, axis=0).astype(self.config.compute_dtype)
+        # Gather from an explicitly replicated table: a gather from a vocab-sharded table makes
+        # XLA fall back to an involuntary full rematerialisation (same all-gather, more copies).
+        table_VxD = nn.with_logical_constraint(self.embedding, (None, None))
+        return jnp.take(table_VxD, tokens_BxT, axis=0).astype(self.config.compute_dtype)
 
     def attend(self, x_BxTxD: jax.Array) -> jax.Array:
         emb_VxD = self.embedding.astype(self.config.compute_dtype)
