@@ -18,6 +18,7 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -197,8 +198,11 @@ class _Reader:
 
 def load_params(
     path_or_repo: str | os.PathLike,
+    config: ModelConfig | None = None,
+    *,
     mesh: jax.sharding.Mesh | None = None,
     rules: sharding_lib.Rules = sharding_lib.TRAIN_RULES,
+    shardings: Any = None,
     revision: str | None = None,
     **config_overrides,
 ) -> tuple[ModelConfig, dict]:
@@ -206,19 +210,26 @@ def load_params(
 
     Args:
       path_or_repo: a local directory, or a Hub repo id (downloaded when not a directory).
-      mesh, rules: where to place params; without a mesh, on the first device.
+      config: the model to load into (its dtype / param_dtype / remat are kept); its shape
+        fields must match the checkpoint's config.json. Default: built from config.json.
+      mesh, rules: where to place params (default: the first device), or
+      shardings: a tree of shardings matching the params tree (overrides mesh/rules).
       config_overrides: ModelConfig fields to override, e.g. dtype="bfloat16", remat=True.
     Returns:
       (config, params): params is a plain pytree of arrays in `config.param_dtype`.
     """
     ckpt_dir = resolve_checkpoint_dir(path_or_repo, revision)
-    config = config_from_checkpoint(ckpt_dir, **config_overrides)
+    if config is None:
+        config = config_from_checkpoint(ckpt_dir, **config_overrides)
+    else:
+        config = config.replace(**config_overrides)
+        _check_same_shapes(config, ckpt_dir)
     boxed = sharding_lib.abstract_params(CausalLM(config))
     abstract = nn.meta.unbox(boxed)
-    if mesh is None:
+    if shardings is None and mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree_util.tree_map(lambda _: device, abstract)
-    else:
+    elif shardings is None:
         shardings = sharding_lib.shardings_for(boxed, mesh, rules)
 
     weight_map = _weight_map(ckpt_dir)
@@ -250,6 +261,25 @@ def load_params(
             f"e.g. {unexpected[:3]}"
         )
     return config, params
+
+
+_NON_SHAPE_FIELDS = ("dtype", "param_dtype", "remat", "max_position_embeddings")
+
+
+def _check_same_shapes(config: ModelConfig, ckpt_dir: Path) -> None:
+    """Raise unless `config` describes the same network as the checkpoint's config.json."""
+    keep = {name: getattr(config, name) for name in _NON_SHAPE_FIELDS}
+    found = config_from_checkpoint(ckpt_dir, **keep)
+    diff = [
+        f"{f.name}={getattr(config, f.name)!r} (checkpoint: {getattr(found, f.name)!r})"
+        for f in dataclasses.fields(config)
+        if getattr(config, f.name) != getattr(found, f.name)
+    ]
+    if diff:
+        raise CheckpointError(
+            f"{ckpt_dir / CONFIG_FILE}: the model config differs from the checkpoint's: "
+            + ", ".join(diff)
+        )
 
 
 def _hf_shape(leaf, rule: str) -> tuple[int, ...]:

@@ -89,6 +89,21 @@ def test_load_onto_mesh_places_each_tensor_sharded(tiny_qwen2_hf_dir):
     )
 
 
+def test_load_into_given_config_and_shardings(tiny_llama_hf_dir):
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+    wanted = ModelConfig.tiny_llama(dtype="bfloat16", remat=True)
+    shardings = sharding.param_shardings(CausalLM(wanted), mesh, sharding.SAMPLER_RULES)
+    config, params = hf_io.load_params(tiny_llama_hf_dir, wanted, shardings=shardings)
+    assert config == wanted
+    emb = params["transformer"]["embedder"]["embedding"]
+    assert emb.sharding == shardings["transformer"]["embedder"]["embedding"]
+    assert emb.sharding.spec == P("tensor", None)
+    with pytest.raises(
+        hf_io.CheckpointError, match=r"config\.json: .*vocab_size=512 \(checkpoint: 256\)"
+    ):
+        hf_io.load_params(tiny_llama_hf_dir, wanted.replace(vocab_size=512))
+
+
 def test_config_overrides_and_dtypes(tiny_llama_hf_dir):
     config, params = hf_io.load_params(tiny_llama_hf_dir, dtype="bfloat16", param_dtype="bfloat16")
     assert config.dtype == "bfloat16"
