@@ -116,3 +116,36 @@ def random_params(model: nn.Module, config: ModelConfig, seed: int = 0, scale: f
     return jax.tree_util.tree_map_with_path(
         fill, abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned)
     )
+
+
+def save_tiny_tokenizer(path):
+    """A byte-level BPE tokenizer with no merges over printable ASCII + tab/newline and Qwen's
+    three special tokens (100 ids, fits the tiny models' 256) and a ChatML chat template;
+    `Tokenizer.from_dir(path)` and `sampling.token_bytes_from_tokenizer` accept it."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from deepretrieval_jax.sampling import _byte_decoder
+
+    alphabet = {b: c for c, b in _byte_decoder().items()}
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {s: i for i, s in enumerate(specials)}
+    for b in [9, 10, *range(32, 127)]:
+        vocab[alphabet[b]] = len(vocab)
+    raw = RawTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<|endoftext|>"))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    raw.decoder = decoders.ByteLevel()
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        chat_template=template,
+    )
+    hf.add_special_tokens({"additional_special_tokens": specials})
+    hf.save_pretrained(str(path))
