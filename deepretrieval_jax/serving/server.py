@@ -1,0 +1,217 @@
+"""The HTTP service (aiohttp): `POST /v1/rewrite` and an OpenAI-compatible subset.
+
+Routes (JSON in, JSON out; docs/serving.md has the full API):
+  POST /v1/rewrite            {"task", "input", ...} -> {"query", "reasoning", "results", ...}
+  POST /v1/completions        OpenAI text completions (prompt, max_tokens, temperature, ...)
+  POST /v1/chat/completions   OpenAI chat completions (messages, ...)
+  GET  /v1/models, /healthz, /v1/stats
+
+Invariants:
+- Generation goes through one `BatchScheduler` (batched device calls in a worker thread);
+  searches run on the event loop through the task's async backend.
+- Limits: request bodies over `max_body_bytes` get 413; prompts over `max_input_tokens` get
+  400; `max_tokens` above `max_new_tokens` get 400; a full queue gets 503 (with Retry-After),
+  a request not done within `timeout_s` gets 504. Malformed JSON, unknown fields' wrong types,
+  unknown tasks and unsupported options (n > 1, stream) get 400; an unknown model gets 404.
+  Every error body is OpenAI-shaped: {"error": {"message", "type", "param", "code"}}.
+- Binds to 127.0.0.1 unless told otherwise (`launch/serve.py --host`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+from deepretrieval_jax.data.tasks import TaskSpec
+from deepretrieval_jax.serving import openai_api as oa
+from deepretrieval_jax.serving import rewrite
+from deepretrieval_jax.serving.policy import GenSettings, Policy, cut_at_stop
+from deepretrieval_jax.serving.scheduler import (
+    BatchScheduler,
+    QueueFull,
+    RequestTimeout,
+    SchedulerClosed,
+    SchedulerConfig,
+)
+
+ApiError = oa.ApiError
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    max_input_tokens: int = 2048  # prompt tokens (capped by the policy's largest bucket)
+    max_body_bytes: int = 1 << 20  # larger request bodies get 413
+    default_completion_tokens: int = 16  # /v1/completions without max_tokens (OpenAI's default)
+    max_results: int = 100  # /v1/rewrite top_k cap
+    scheduler: SchedulerConfig = SchedulerConfig()
+
+
+class Service:
+    """The policy, its scheduler, the served tasks and their searchers."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        config: ServerConfig = ServerConfig(),
+        tasks: Mapping[str, TaskSpec] | None = None,
+        searchers: Mapping[str, rewrite.Searcher] | None = None,
+    ):
+        self.policy, self.config = policy, config
+        self.tasks = dict(tasks or {})
+        self.searchers = dict(searchers or {})
+        self.scheduler = BatchScheduler(policy.generate, config.scheduler)
+        self.max_input_tokens = min(config.max_input_tokens, policy.max_prompt_tokens)
+
+    async def generate(self, prompt: str | list[int], settings: GenSettings, max_tokens: int):
+        tokens = self.policy.encode(prompt) if isinstance(prompt, str) else prompt
+        if not tokens:
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        if len(tokens) > self.max_input_tokens:
+            raise ApiError(
+                400,
+                f"the prompt has {len(tokens)} tokens; the limit is {self.max_input_tokens}",
+                code="context_length_exceeded",
+                param="prompt",
+            )
+        try:
+            return await self.scheduler.submit(tokens, settings, max_tokens)
+        except QueueFull as e:
+            raise ApiError(503, str(e), type="server_overloaded", code="queue_full") from None
+        except SchedulerClosed as e:
+            raise ApiError(503, str(e), type="server_unavailable") from None
+        except RequestTimeout as e:
+            raise ApiError(504, str(e), type="timeout") from None
+
+    # ---------------------------------------------------------------- handlers
+    async def rewrite(self, request: web.Request) -> web.Response:
+        body = await oa.json_body(request)
+        oa.check_fields(body, oa.REWRITE_FIELDS)
+        name = oa.field(body, "task", str, required=True)
+        if name not in self.tasks:
+            raise ApiError(
+                400, f"unknown task {name!r}; served: {sorted(self.tasks)}", param="task"
+            )
+        spec = self.tasks[name]
+        if "input" not in body:
+            raise ApiError(400, "missing required field 'input'", param="input")
+        try:
+            inp = rewrite.parse_input(spec, body["input"])
+        except rewrite.InputError as e:
+            raise ApiError(400, str(e), param="input") from None
+        want_search = oa.field(body, "search", bool, default=True)
+        top_k = oa.int_field(body, "top_k", 10, 1, self.config.max_results)
+        fallback = oa.field(body, "fallback", str, default="none")
+        if fallback not in ("none", "original"):
+            raise ApiError(400, "fallback must be 'none' or 'original'", param="fallback")
+        no_top_k = {k: v for k, v in body.items() if k != "top_k"}  # top_k = results here
+        settings, max_tokens = oa.sampling(no_top_k, self.policy.max_new_tokens, default_temp=0.0)
+        settings = dataclasses.replace(settings, stop=rewrite.STOP_AFTER_ANSWER)
+        prompt = rewrite.render_prompt(spec, inp, self.policy.tokenizer)
+        searcher = self.searchers.get(name) if want_search else None
+        if want_search and searcher is None:
+            raise ApiError(400, f"search is not enabled for task {name!r}", param="search")
+        completion = await self.generate(prompt, settings, max_tokens)
+        text = cut_at_stop(completion.text, rewrite.STOP_AFTER_ANSWER, keep=True)[0]
+        out = await rewrite.finish(spec, inp, text, searcher, top_k, fallback)
+        out["finish_reason"] = completion.finish_reason
+        out["usage"] = oa.usage(completion)
+        return web.json_response(out)
+
+    async def completions(self, request: web.Request) -> web.Response:
+        body = await oa.json_body(request)
+        oa.check_openai(body, oa.COMPLETION_FIELDS, self.policy.name)
+        prompt = oa.prompt_field(body, self.policy.tokenizer.vocab_size)
+        settings, max_tokens = oa.sampling(
+            body, self.policy.max_new_tokens, self.config.default_completion_tokens
+        )
+        completion = await self.generate(prompt, settings, max_tokens)
+        text, hit = cut_at_stop(completion.text, settings.stop)
+        choice = {"index": 0, "text": text, "logprobs": None,
+                  "finish_reason": "stop" if hit else completion.finish_reason}  # fmt: skip
+        return web.json_response(self._envelope("cmpl", "text_completion", choice, completion))
+
+    async def chat(self, request: web.Request) -> web.Response:
+        body = await oa.json_body(request)
+        oa.check_openai(body, oa.CHAT_FIELDS, self.policy.name)
+        messages = oa.messages_field(body)
+        try:
+            prompt = self.policy.render_chat(messages)
+        except Exception as e:  # a template that rejects the conversation (roles, order)
+            raise ApiError(400, f"the chat template rejected the messages: {e}") from None
+        settings, max_tokens = oa.sampling(body, self.policy.max_new_tokens)
+        completion = await self.generate(prompt, settings, max_tokens)
+        text, hit = cut_at_stop(completion.text, settings.stop)
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": "stop" if hit else completion.finish_reason,
+        }
+        return web.json_response(self._envelope("chatcmpl", "chat.completion", choice, completion))
+
+    def _envelope(self, prefix: str, obj: str, choice: dict, completion) -> dict:
+        return {
+            "id": f"{prefix}-{uuid.uuid4().hex}",
+            "object": obj,
+            "created": int(time.time()),
+            "model": self.policy.name,
+            "choices": [choice],
+            "usage": oa.usage(completion),
+        }
+
+    async def models(self, request: web.Request) -> web.Response:
+        card = {"id": self.policy.name, "object": "model", "created": 0, "owned_by": "local"}
+        return web.json_response({"object": "list", "data": [card]})
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "model": self.policy.name,
+                                  "tasks": sorted(self.tasks)})  # fmt: skip
+
+    async def stats(self, request: web.Request) -> web.Response:
+        return web.json_response({**self.scheduler.stats(), "sampler_calls": self.policy.calls})
+
+
+def make_app(service: Service) -> web.Application:
+    """The aiohttp application; the scheduler starts and stops with it."""
+    app = web.Application(
+        client_max_size=service.config.max_body_bytes, middlewares=[oa.error_middleware]
+    )
+    app.router.add_post("/v1/rewrite", service.rewrite)
+    app.router.add_post("/v1/completions", service.completions)
+    app.router.add_post("/v1/chat/completions", service.chat)
+    app.router.add_get("/v1/models", service.models)
+    app.router.add_get("/v1/stats", service.stats)
+    app.router.add_get("/healthz", service.health)
+
+    async def lifecycle(app: web.Application):
+        await service.scheduler.start()
+        yield
+        await service.scheduler.close()
+        for s in service.searchers.values():
+            await s.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    app["service"] = service
+    return app
+
+
+def build_service(
+    policy: Policy,
+    task_names: list[str],
+    config: ServerConfig = ServerConfig(),
+    data_dir: str | None = None,
+    search: bool = True,
+) -> Service:
+    """A Service for `task_names` with their search backends (when `search`)."""
+    from deepretrieval_jax.data.tasks import get_task
+
+    tasks = {n: get_task(n) for n in task_names}
+    searchers: dict[str, Any] = {}
+    if search:
+        searchers = {n: rewrite.Searcher(spec, data_dir) for n, spec in tasks.items()}
+    return Service(policy, config, tasks, searchers)
