@@ -3,7 +3,7 @@
 Reads each run's `metrics.jsonl` (the `metrics.MetricsWriter` format: one JSON object per line,
 `{"step": int, "time": float, "<key>": float | null, ...}`; validation records carry `val/*`
 keys) and, when present, the `sweep_point.json` that `launch/sweep.py` writes (point name and
-overrides, shown as columns). A path given is either a run workdir (holds metrics.jsonl) or a
+swept values, shown as columns). A path given is either a run workdir (holds metrics.jsonl) or a
 sweep root (its sub-directories holding metrics.jsonl are the runs).
 
 Table columns per run: the swept overrides, the last step, the selection metric (default
@@ -54,7 +54,7 @@ def find_runs(paths: Sequence[str | os.PathLike]) -> list[Path]:
 def _point(workdir: Path) -> dict:
     path = workdir / "sweep_point.json"  # sweep.POINT_FILE (not imported: keeps this light)
     if not path.is_file():
-        return {"name": workdir.name, "overrides": {}}
+        return {"name": workdir.name, "swept": {}}
     return json.loads(path.read_text())
 
 
@@ -73,7 +73,7 @@ def summarize(
         raise ValueError(f"{workdir / metrics.JSONL_NAME}: no metric records")
     point = _point(workdir)
     row: dict = {"run": point["name"]}
-    row.update(point["overrides"])
+    row.update(point.get("swept", point.get("overrides", {})))
     row["steps"] = max(int(r.get("step", 0)) for r in records)
     steps, values = metrics.series(records, metric)
     row[f"{metric} final"] = values[-1] if values else None

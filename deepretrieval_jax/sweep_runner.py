@@ -5,8 +5,8 @@ write the layout, then run or write commands.
 
 Invariants:
 - Layout: ROOT/<point name>/ holds `config.json` (the fully resolved config), `sweep_point.json`
-  (name, overrides, command, total steps) and, for local runs, `train.log` (appended across
-  resumes); ROOT/sweep.json lists every point with its status at launch time.
+  (name, overrides, swept values, command, total steps) and, for local runs, `train.log`
+  (appended across resumes); ROOT/sweep.json lists every point with its status at launch time.
 - Finished points are skipped (local) or left out of the printed/written commands; the others
   are (re-)launched with the same workdir, so the trainer resumes from its latest checkpoint.
 - Local runs: at most `parallel` processes at once, each in a slot with its own
@@ -79,6 +79,7 @@ def write_layout(runs: Sequence[Run], root: str | os.PathLike) -> None:
         info = {
             "name": run.name,
             "overrides": {k: format_value(v) for k, v in run.point.overrides},
+            "swept": {k: v for k, v in run.point.labels if k},  # what varies across points
             "command": shlex.join(run.command),
             "total_steps": run.total_steps,
         }

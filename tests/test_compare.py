@@ -26,7 +26,8 @@ def _write_run(workdir: Path, val_rewards, rewards, kl, step_s=1.0, name=None, o
             writer.write(step, {"val/reward/mean": v, "val/retrieval/ndcg@10": v / 2}, False)
     writer._jsonl.close()  # no close(): that would also draw the run's own reward plot
     if name is not None:
-        point = {"name": name, "overrides": overrides or {}, "command": "", "total_steps": 4}
+        point = {"name": name, "overrides": {**(overrides or {}), "train.num_steps": "4"},
+                 "swept": overrides or {}, "command": "", "total_steps": 4}  # fmt: skip
         (workdir / "sweep_point.json").write_text(json.dumps(point))
 
 

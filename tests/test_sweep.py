@@ -192,7 +192,9 @@ def test_local_runner_skips_finished_and_resumes_interrupted(tmp_path, monkeypat
         tmp_path,
         """
         def get_sweep(arg=None):
-            return hyper.sweep("config.ppo.actor_lr", [1e-5, 2e-5, 3e-5])
+            return hyper.product(
+                hyper.sweep("config.ppo.actor_lr", [1e-5, 2e-5, 3e-5]), hyper.fixed("seed", 5)
+            )
         """,
     )
     root = tmp_path / "root"
@@ -211,7 +213,8 @@ def test_local_runner_skips_finished_and_resumes_interrupted(tmp_path, monkeypat
     saved = json.loads((crashed / "config.json").read_text())
     assert saved["ppo"]["actor_lr"] == 2e-5 and saved["train"]["num_steps"] == 4
     points = {p["name"]: p for p in json.loads((root / "sweep.json").read_text())}
-    assert points["actor_lr=2e-05"]["overrides"] == {"ppo.actor_lr": "2e-05"}
+    assert points["actor_lr=2e-05"]["overrides"] == {"ppo.actor_lr": "2e-05", "seed": "5"}
+    assert points["actor_lr=2e-05"]["swept"] == {"ppo.actor_lr": "2e-05"}
 
     monkeypatch.delenv("FAKE_CRASH_POINT")
     assert runner.execute(DEMO, root, **kw) == 0
