@@ -186,7 +186,7 @@ def merge_summaries(parts: Sequence[dict]) -> dict[str, float]:
     valid = sum(p["valid"] for p in parts)
     out = {
         f"{prefix}reward/mean": sum(p["reward_sum"] for p in parts) / max(valid, 1),
-        f"{prefix}reward/invalid_fraction": 1.0 - valid / max(n, 1),
+        f"{prefix}reward/invalid_fraction": (n - valid) / max(n, 1),
         f"{prefix}reward/format_ok": sum(p["format_ok"] for p in parts) / max(valid, 1),
         f"{prefix}reward/answer_ok": sum(p["answer_ok"] for p in parts) / max(valid, 1),
         f"{prefix}response/length_mean": sum(p["length_sum"] for p in parts) / max(n, 1),

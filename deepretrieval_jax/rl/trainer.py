@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from flax import linen as nn
 
 from deepretrieval_jax import checkpoint, metrics, models, sharding
 from deepretrieval_jax.config import TrainConfig, resolve_data_dir, to_dataclass, validate
@@ -37,7 +38,7 @@ from deepretrieval_jax.data import render
 from deepretrieval_jax.rewards.pool import PoolConfig, RewardPool
 from deepretrieval_jax.rewards.tasks import make_task
 from deepretrieval_jax.rl import rollout, setup
-from deepretrieval_jax.rl.state import PPOConfig, init_train_state
+from deepretrieval_jax.rl.state import PPOConfig, create_train_state, init_train_state
 from deepretrieval_jax.rl.update import make_jitted
 from deepretrieval_jax.sampler import Sampler, SamplingConfig, causal_lm_fns
 
@@ -115,8 +116,6 @@ class _Run:
             train_examples = setup.load_examples(cfg, spec, cfg.data.train_split)
         if val_examples is None:
             val_examples = setup.load_examples(cfg, spec, cfg.data.val_split)
-        if cfg.data.num_val_examples > 0:
-            val_examples = list(val_examples)[: cfg.data.num_val_examples]
         tok = setup.load_tokenizer(cfg, None)
         from deepretrieval_jax.rl.sft import teacher_completion
 
@@ -125,6 +124,9 @@ class _Run:
         ]
         texts += [teacher_completion(spec, ex) for ex in [*train_examples, *val_examples]]
         self.spec, self.model_cfg, self.codec = setup.text_setup(cfg, texts=texts)
+        # Truncate only after the compact vocabulary saw the whole split (SFT's vocabulary).
+        if cfg.data.num_val_examples > 0:
+            val_examples = list(val_examples)[: cfg.data.num_val_examples]
         self.train_prompts = _prompts(spec, train_examples, tok, cfg.data.max_prompt_len, "train")
         self.val_prompts = _prompts(spec, val_examples, tok, cfg.data.max_prompt_len, "validation")
         self.prompt_len = max(cfg.data.prompt_buckets)
@@ -185,10 +187,14 @@ class _Run:
         latest = self.ckpt.latest_step()
         k_actor, k_critic, k_state = jax.random.split(rng, 3)
         if latest is not None:
+            actor_abs = nn.meta.unbox(sharding.abstract_params(self.actor))
+            critic_abs = nn.meta.unbox(sharding.abstract_params(self.critic))
             abstract = jax.eval_shape(
-                lambda: init_train_state(
-                    self.ppo, self.actor, self.critic, k_state, self.mesh, self.rules
-                )
+                functools.partial(create_train_state, self.ppo),
+                actor_abs,
+                critic_abs if self.ppo.use_critic else None,
+                actor_abs,
+                jax.ShapeDtypeStruct((2,), jnp.uint32),
             )
             target = jax.tree.map(
                 lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),

@@ -1,0 +1,124 @@
+"""The PPO run manager end to end on a tiny model, a tiny BM25 corpus and 8 CPU devices:
+metrics + checkpoint of a run, kill (SIGTERM) and resume bit for bit, the non-finite stop."""
+
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+import trainer_fixtures as fx
+
+from deepretrieval_jax import checkpoint, metrics
+from deepretrieval_jax.rl import rollout, trainer
+
+NUM_STEPS = 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    # Several runs compile the same programs: share them through JAX's persistent cache.
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def _train(workdir, num_steps=NUM_STEPS, **overrides):
+    cfg = fx.tiny_config(num_steps)
+    for key, value in overrides.items():
+        section, field = key.split("__")
+        setattr(cfg[section], field, value)
+    ex = fx.examples()
+    return trainer.train(cfg, workdir, train_examples=ex, val_examples=ex, backend=fx.backend())
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("full")
+    return workdir, _train(workdir)
+
+
+def test_run_writes_metrics_tensorboard_and_checkpoints(full_run):
+    workdir, result = full_run
+    assert result.step == NUM_STEPS and not result.preempted
+    records = metrics.read_jsonl(workdir / metrics.JSONL_NAME)
+    train_rows = [r for r in records if "ppo/policy_loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, NUM_STEPS + 1))
+    row = train_rows[-1]
+    for key in (
+        "reward/mean", "reward/invalid_fraction", "reward/format_ok", "kl/mean", "ppo/entropy",
+        "ppo/grad_norm_actor", "ppo/grad_norm_critic", "ppo/explained_variance",
+        "ppo/clip_frac" if "ppo/clip_frac" in row else "ppo/policy_loss",
+        "response/length_mean", "pool/samples", "time/generate_s", "time/reward_wait_s",
+        "time/update_wait_s", "throughput/tokens_per_s", "reward/task/scifact/mean",
+    ):  # fmt: skip
+        assert key in row, f"missing metric {key}; have {sorted(row)}"
+    assert any(k.startswith("reward/bucket/scifact/") for k in row)
+    assert np.isclose(sum(v for k, v in row.items() if k.startswith("reward/bucket/")), 1.0)
+    assert any("val/reward/mean" in r for r in records), "no end-of-run validation record"
+    assert list((workdir / "tb").glob("events.out.tfevents.*"))
+    assert (workdir / metrics.PLOT_NAME).exists()
+
+    mgr = checkpoint.CheckpointManager(workdir / "checkpoints", async_save=False)
+    assert mgr.latest_step() == NUM_STEPS
+    state, meta = mgr.restore()
+    mgr.close()
+    assert meta["step"] == NUM_STEPS and "data" in meta
+    assert int(state["step"]) == NUM_STEPS
+    np.testing.assert_array_equal(
+        state["actor_params"]["transformer"]["final_norm"]["scale"],
+        jax.device_get(result.state.actor_params["transformer"]["final_norm"]["scale"]),
+    )
+
+
+def test_sigterm_then_resume_is_bitwise_identical(full_run, tmp_path, monkeypatch):
+    _, reference = full_run
+    original_step = trainer._Run.step
+
+    def step_then_sigterm(self, step):
+        out = original_step(self, step)
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # the preemption notice arrives mid-run
+        return out
+
+    monkeypatch.setattr(trainer._Run, "step", step_then_sigterm)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    first = _train(tmp_path)
+    assert first.preempted and first.step == 1
+    assert signal.getsignal(signal.SIGTERM) == handler_before  # handler restored on exit
+    monkeypatch.setattr(trainer._Run, "step", original_step)
+
+    resumed = _train(tmp_path)
+    assert resumed.step == NUM_STEPS and not resumed.preempted
+    assert fx.params_digest(resumed.state.actor_params) == fx.params_digest(
+        reference.state.actor_params
+    ), "resumed actor params differ from the uninterrupted run"
+    assert fx.params_digest(resumed.state.critic_params) == fx.params_digest(
+        reference.state.critic_params
+    )
+    steps = [r["step"] for r in metrics.read_jsonl(tmp_path / metrics.JSONL_NAME)
+             if "ppo/policy_loss" in r]  # fmt: skip
+    assert steps == [1, 2]
+
+
+def test_non_finite_rewards_stop_the_run_naming_the_step(tmp_path, monkeypatch):
+    real_result_arrays = rollout.result_arrays
+
+    def nan_scores(results):
+        scores, valid = real_result_arrays(results)
+        return np.full_like(scores, np.nan), valid
+
+    monkeypatch.setattr(rollout, "result_arrays", nan_scores)
+    with pytest.raises(trainer.NonFiniteError, match=r"PPO step 2: 2 consecutive steps skipped"):
+        _train(tmp_path, num_steps=5, ppo__max_consecutive_skips=2)
+    records = metrics.read_jsonl(tmp_path / metrics.JSONL_NAME)
+    assert [r["ppo/skipped"] for r in records if "ppo/skipped" in r] == [1.0, 1.0]
+
+
+def test_examples_left_out_of_validation_are_not_scored(tmp_path):
+    # A fixed-shape validation batch pads the last chunk; padded rows must not count.
+    parts = [rollout.summarize_results([], np.zeros(0, int), np.zeros(0, int), "val/", "t")]
+    merged = rollout.merge_summaries(parts)
+    assert merged["val/reward/mean"] == 0.0 and merged["val/reward/invalid_fraction"] == 0.0
+    assert json.loads(json.dumps(merged)) == merged

@@ -1,0 +1,131 @@
+"""Shared pieces of the trainer tests: a tiny task, corpus, config; also run as a worker.
+
+`python tests/trainer_fixtures.py WORKDIR NUM_STEPS OUT_JSON` trains the tiny config and writes
+a digest of the final params and the last metrics to OUT_JSON (the multi-host test runs it in
+two processes; JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID join them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+TASK = "tiny_test_beir"
+DOCS = [
+    "vitamin d deficiency increases fracture risk in elderly women",
+    "aspirin reduces the risk of colorectal cancer",
+    "statins lower cholesterol and cardiovascular events",
+    "exercise improves insulin sensitivity in type 2 diabetes",
+    "smoking causes lung cancer and heart disease",
+    "sleep deprivation impairs memory consolidation",
+    "high salt intake raises blood pressure",
+    "breastfeeding lowers infant infection rates",
+]
+
+
+def register_task():
+    """A BEIR-family task with a short prompt (keeps the prompt bucket at 48 tokens)."""
+    from deepretrieval_jax.data import tasks
+
+    if TASK not in tasks.list_tasks():
+        base = tasks.get_task("scifact_no_reason")
+        tasks.register_task(
+            base.replace(
+                name=TASK,
+                system="S",
+                instruction="Query:",
+                output_format="",
+                note="",
+                input_header="",
+            )  # fmt: skip
+        )
+
+
+def examples():
+    from deepretrieval_jax.data.records import Example
+
+    return [Example(f"q{i}", " ".join(t.split()[:3]), {f"d{i}": 1}) for i, t in enumerate(DOCS)]
+
+
+def backend():
+    from deepretrieval_jax.search.bm25 import BM25Backend, BM25Config, BM25Index
+
+    docs = [(f"d{i}", t) for i, t in enumerate(DOCS)]
+    return BM25Backend(BM25Index.build(docs, BM25Config(k1=1.2, b=0.75)))
+
+
+def tiny_config(num_steps: int = 3):
+    """configs/demo.py shrunk: 1 layer, 8 prompts/step, 6 new tokens, 48-token prompts."""
+    from configs import demo
+
+    register_task()
+    cfg = demo.get_config()
+    cfg.model.overrides.num_layers = 1
+    cfg.model.overrides.embed_dim = 32
+    cfg.model.overrides.mlp_dim = 64
+    cfg.data.task = TASK
+    cfg.data.prompt_buckets = (48,)
+    cfg.data.max_prompt_len = 48
+    cfg.data.num_val_examples = -1
+    cfg.train.prompts_per_step = 8
+    cfg.ppo.mini_batch_size = 4
+    cfg.sampling.max_new_tokens = 6
+    cfg.train.num_steps = num_steps
+    cfg.train.val_every = 0
+    cfg.train.checkpoint_every = 1
+    cfg.train.async_checkpoint = False
+    cfg.logging.progress = False
+    return cfg
+
+
+def params_digest(params) -> str:
+    import jax
+    import numpy as np
+
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(jax.device_get(params)):
+        h.update(np.ascontiguousarray(leaf).tobytes())
+    return h.hexdigest()
+
+
+def main(workdir: str, num_steps: int, out: str) -> None:
+    from deepretrieval_jax import runtime
+
+    runtime.initialize_distributed()
+    import jax
+    from jax.experimental import multihost_utils
+
+    from deepretrieval_jax.rl import trainer
+
+    ex = examples()
+    result = trainer.train(
+        tiny_config(num_steps), workdir, train_examples=ex, val_examples=ex, backend=backend()
+    )
+    state = result.state
+    # Fully replicate before fetching: every process then digests the same global params.
+    params = multihost_utils.process_allgather(state.actor_params, tiled=True)
+    critic = multihost_utils.process_allgather(state.critic_params, tiled=True)
+    Path(out).write_text(
+        json.dumps(
+            {
+                "process": jax.process_index(),
+                "count": jax.process_count(),
+                "step": result.step,
+                "actor": params_digest(params),
+                "critic": params_digest(critic),
+                "metrics": result.last_metrics,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
