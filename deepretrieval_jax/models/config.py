@@ -270,6 +270,10 @@ class ModelConfig:
                 )
             hf.update(attention_bias=False, mlp_bias=False)
         else:
+            if not self.qkv_bias:
+                raise ValueError(
+                    "to_hf_config: HF Qwen2 always has q/k/v biases; set qkv_bias=True"
+                )
             hf.update(use_sliding_window=False)
         return hf
 

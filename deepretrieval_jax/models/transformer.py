@@ -13,8 +13,9 @@ D embed_dim, V vocab. Parameter tree (Linen, plain dicts after unboxing):
     transformer/final_norm/scale              [D]
     lm_head/kernel [D, V]   (CausalLM, untied only)   value_head/{kernel [D], bias []} (ValueModel)
 
-Layers are a Python loop (one `layers_{i}` subtree each): the HF name table maps one tensor to
-one leaf, and a depth-36 model compiles in tens of seconds, which PPO pays once per run.
+Layers are a Python loop (one `layers_{i}` subtree each), not `nn.scan`: the HF name table maps
+one tensor to one leaf, and compile time stays modest (Qwen2.5-3B, 36 layers, bf16 forward at
+B=8, T=256: 2 s trace + 10 s XLA compile on a shared 2-core CPU), paid once per run.
 """
 
 from __future__ import annotations
