@@ -1,7 +1,8 @@
 """Pure RL math for PPO / GRPO / RLOO: masked statistics, advantages, KL, losses.
 
-Every function is a pure `jax.numpy` function of arrays (jit-able, no model, no sampler) with its
-formula in the docstring; `tests/test_rl_algo.py` checks each against a NumPy reference.
+Every public function is a jitted pure function of arrays (strings and flags static; no model,
+no sampler) with its formula in the docstring; `tests/test_rl_algo.py` checks each against a
+NumPy reference.
 
 Shape legend: B rows (samples), T token positions, V vocabulary. Token-aligned arrays follow the
 trainer's convention: entry t belongs to token t (its log-prob given tokens < t, the value of the
@@ -16,6 +17,8 @@ mean KL and the adaptive KL coefficient NaN).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -24,18 +27,21 @@ LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 
 
 # ------------------------------------------------------------------------- masked statistics
+@functools.partial(jax.jit, static_argnames=("axis",))
 def masked_sum(x, mask, axis=None):
     """sum(x[mask]) along `axis`; masked-out entries (even NaN) contribute nothing."""
     mask = jnp.asarray(mask).astype(jnp.bool_)
     return jnp.sum(jnp.where(mask, x, 0.0), axis=axis)
 
 
+@functools.partial(jax.jit, static_argnames=("axis",))
 def masked_mean(x, mask, axis=None):
     """sum(x * m) / max(sum(m), 1): the mean over masked-in entries, 0 when there are none."""
     count = jnp.sum(jnp.asarray(mask).astype(jnp.float32), axis=axis)
     return masked_sum(x, mask, axis) / jnp.maximum(count, 1.0)
 
 
+@functools.partial(jax.jit, static_argnames=("unbiased",))
 def masked_var(x, mask, unbiased=True):
     """Variance over all masked-in entries; Bessel-corrected (n / (n - 1)) when `unbiased`."""
     mask = jnp.asarray(mask).astype(jnp.bool_)
@@ -47,6 +53,7 @@ def masked_var(x, mask, unbiased=True):
     return var
 
 
+@functools.partial(jax.jit, static_argnames=("shift_mean",))
 def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
     """(x - mean) / sqrt(var + eps) with mean, var (unbiased) over the masked-in entries.
 
@@ -60,6 +67,7 @@ def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
     return jnp.where(mask, whitened, 0.0)
 
 
+@jax.jit
 def explained_variance(values, returns, mask):
     """1 - Var[returns - values] / Var[returns] over masked-in entries (0 if Var[returns] = 0)."""
     var_ret = masked_var(returns, mask)
@@ -68,6 +76,7 @@ def explained_variance(values, returns, mask):
 
 
 # ------------------------------------------------------------------------------ advantages
+@jax.jit
 def gae(rewards_BxT, values_BxT, mask_BxT, gamma, lam):
     """Generalised advantage estimation over the masked-in tokens of each row.
 
@@ -108,6 +117,7 @@ def _same_group_BxB(group_id_B, valid_B):
     return (group_id_B[:, None] == group_id_B[None, :]) & valid_B[None, :]
 
 
+@functools.partial(jax.jit, static_argnames=("normalize_std",))
 def grpo_advantages(scores_B, group_id_B, valid_B, eps=1e-6, normalize_std=True):
     """Group-normalised outcome advantages (GRPO, Shao et al. 2024).
 
@@ -134,6 +144,7 @@ def grpo_advantages(scores_B, group_id_B, valid_B, eps=1e-6, normalize_std=True)
     return jnp.where(valid_B & (n_B >= 2), adv_B, 0.0)
 
 
+@jax.jit
 def rloo_advantages(scores_B, group_id_B, valid_B):
     """REINFORCE leave-one-out advantages (Ahmadian et al. 2024).
 
@@ -154,6 +165,7 @@ def rloo_advantages(scores_B, group_id_B, valid_B):
 
 
 # -------------------------------------------------------------------------------------- KL
+@functools.partial(jax.jit, static_argnames=("kind",))
 def kl_estimate(logp, ref_logp, kind="k1"):
     """Per-token estimate of KL(pi || pi_ref) from sampled tokens' log-probs.
 
@@ -176,6 +188,7 @@ def kl_estimate(logp, ref_logp, kind="k1"):
     return jnp.clip(jnp.expm1(d) - d, -10.0, 10.0)  # expm1: no cancellation near d = 0
 
 
+@jax.jit
 def mean_sequence_kl(kl_BxT, mask_BxT, row_mask_B=None):
     """mean over rows with >= 1 token of (per-row token-mean KL); 0 if no row has a token.
 
@@ -190,6 +203,7 @@ def mean_sequence_kl(kl_BxT, mask_BxT, row_mask_B=None):
     return masked_mean(per_row_B, has_tokens_B)
 
 
+@jax.jit
 def last_token_mask(mask_BxT):
     """1 at the last masked-in position of each row (all 0 for an empty row)."""
     mask_BxT = jnp.asarray(mask_BxT).astype(jnp.bool_)
@@ -198,6 +212,7 @@ def last_token_mask(mask_BxT):
     return (jnp.arange(T)[None, :] == last_B[:, None]) & jnp.any(mask_BxT, axis=-1, keepdims=True)
 
 
+@jax.jit
 def token_rewards(scores_B, kl_BxT, mask_BxT, coef):
     """Per-token rewards: r_t = -coef * kl_t on response tokens, plus score on the last one.
 
@@ -213,6 +228,7 @@ def token_rewards(scores_B, kl_BxT, mask_BxT, coef):
     return jnp.where(mask_BxT, rewards_BxT, 0.0)
 
 
+@jax.jit
 def kl_controller_update(kl_coef, current_kl, n_steps, target, horizon):
     """Adaptive KL coefficient (Ziegler et al. 2019), a pure update of the scalar state.
 
@@ -227,6 +243,7 @@ def kl_controller_update(kl_coef, current_kl, n_steps, target, horizon):
 
 
 # ---------------------------------------------------------------------------------- losses
+@functools.partial(jax.jit, static_argnames=("agg",))
 def aggregate_loss(loss_BxT, mask_BxT, agg="token-mean", num_tokens=None, num_rows=None):
     """Reduce a per-token loss to a scalar.
 
@@ -252,6 +269,7 @@ def aggregate_loss(loss_BxT, mask_BxT, agg="token-mean", num_tokens=None, num_ro
     return jnp.sum(row_B) / jnp.maximum(num_rows, 1.0)
 
 
+@functools.partial(jax.jit, static_argnames=("agg",))
 def policy_loss(
     logp,
     old_logp,
@@ -299,6 +317,7 @@ def policy_loss(
     return aggregate_loss(loss, mask, agg, num_tokens, num_rows), metrics
 
 
+@functools.partial(jax.jit, static_argnames=("agg",))
 def value_loss(
     values, old_values, returns, mask, clip=0.5, agg="token-mean", num_tokens=None, num_rows=None
 ):
@@ -334,6 +353,7 @@ def value_loss(
 
 
 # ---------------------------------------------------------------------------------- logits
+@jax.jit
 def logprobs_from_logits(logits_BxTxV, tokens_BxT):
     """log softmax(logits)[token] in float32: log-prob of each given token."""
     logits = logits_BxTxV.astype(jnp.float32)
@@ -342,6 +362,7 @@ def logprobs_from_logits(logits_BxTxV, tokens_BxT):
     return picked_BxT - logz_BxT
 
 
+@jax.jit
 def entropy_from_logits(logits_BxTxV):
     """H = logsumexp(z) - sum softmax(z) * z, in float32."""
     logits = logits_BxTxV.astype(jnp.float32)

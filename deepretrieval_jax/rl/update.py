@@ -255,31 +255,21 @@ class _MiniBatch:
 
 
 def _accumulate(loss_fn, params, micro, num_tokens, num_rows):
-    """Sum of gradients, losses and metrics over the leading micro-batch axis (lax.scan)."""
+    """Sum of gradients (in float32) and metrics over the leading micro-batch axis (lax.scan)."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if jax.tree.leaves(micro)[0].shape[0] == 1:  # no accumulation: skip the scan
+        first = jax.tree.map(lambda x: x[0], micro)
+        (_, metrics), grads = grad_fn(params, first, num_tokens=num_tokens, num_rows=num_rows)
+        return grads, metrics
 
     def body(acc, mb):
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, mb, num_tokens=num_tokens, num_rows=num_rows
-        )
-        return jax.tree.map(jnp.add, acc, (grads, metrics)), None
+        (_, metrics), grads = grad_fn(params, mb, num_tokens=num_tokens, num_rows=num_rows)
+        return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads), metrics
 
-    first = jax.tree.map(lambda x: x[0], micro)
-    if jax.tree.leaves(micro)[0].shape[0] == 1:  # no accumulation: skip the scan
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, first, num_tokens=num_tokens, num_rows=num_rows
-        )
-        return grads, metrics
-    abstract = jax.eval_shape(
-        lambda p, mb: jax.value_and_grad(loss_fn, has_aux=True)(
-            p, mb, num_tokens=num_tokens, num_rows=num_rows
-        ),
-        params,
-        first,
-    )
-    (_, metrics_shape), grads_shape = abstract
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads_shape, metrics_shape))
-    (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
-    return grads, metrics
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    grads, metrics = jax.lax.scan(body, zeros, micro)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    return grads, jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
 
 
 def _tree_select(pred, new, old):
@@ -444,6 +434,8 @@ class PPOSteps:
     the mesh and logical rules.
 
     update(state, batch) -> (state, metrics)        state donated
+    prepare(state, batch) -> batch                   fills old_logp (actor, recomputed),
+                                                     ref_logp and old_values in one call
     logprobs(state, batch) -> logp_BxT               actor (recompute old_logp)
     ref_logprobs(state, batch) -> ref_logp_BxT       frozen reference
     values(state, batch) -> values_BxT               critic (old_values)
@@ -455,6 +447,7 @@ class PPOSteps:
     mesh: Any
     rules: Any
     _update: Callable
+    _prepare: Callable
     _logprobs: Callable
     _ref_logprobs: Callable
     _values: Callable | None
@@ -466,6 +459,9 @@ class PPOSteps:
 
     def update(self, state, batch):
         return self._call(self._update, state, batch)
+
+    def prepare(self, state, batch):
+        return self._call(self._prepare, state, batch)
 
     def logprobs(self, state, batch):
         return self._call(self._logprobs, state, batch)
@@ -511,6 +507,17 @@ def make_jitted(
         params = state.ref_params if state.ref_params is not None else state.actor_params
         return compute_logprobs(policy_fn, params, batch)
 
+    def prepare(state, batch):
+        """One forward pass per model: old log-probs, reference log-probs, old values."""
+        batch = batch.replace(old_logp_BxT=compute_logprobs(policy_fn, state.actor_params, batch))
+        if state.ref_params is not None:
+            batch = batch.replace(ref_logp_BxT=compute_logprobs(policy_fn, state.ref_params, batch))
+        if state.critic_params is not None:
+            batch = batch.replace(
+                old_values_BxT=compute_values(value_fn, state.critic_params, batch)
+            )
+        return batch
+
     return PPOSteps(
         state_shardings=state_sh,
         batch_shardings=batch_sh,
@@ -523,6 +530,7 @@ def make_jitted(
             donate_argnums=(0,),
             compiler_options=compiler_options,
         ),
+        _prepare=jit(prepare, batch_sh),
         _logprobs=jit(lambda s, b: compute_logprobs(policy_fn, s.actor_params, b), bt),
         _ref_logprobs=jit(ref_logp, bt),
         _values=(

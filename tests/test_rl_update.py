@@ -1,0 +1,287 @@
+"""rl/state.py + rl/update.py: sharding invariance, invalid rows, NaN skips, alignment, learning.
+
+Compiles are the cost here (CPU, shared machine): every test reuses three jitted step sets
+(PPO on a 1-device mesh, PPO with micro-batching on a 2x2x2 mesh, GRPO on a 1-device mesh),
+all at one batch shape, compiled at XLA optimisation level 0.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deepretrieval_jax import sharding
+from deepretrieval_jax.models import CausalLM, ModelConfig, ValueModel
+from deepretrieval_jax.rl import algo
+from deepretrieval_jax.rl.state import PPOConfig, init_train_state
+from deepretrieval_jax.rl.update import (
+    RolloutBatch,
+    compute_logprobs,
+    compute_values,
+    make_jitted,
+    model_fns,
+)
+
+MODEL = ModelConfig.tiny(
+    vocab_size=16, embed_dim=32, mlp_dim=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16
+)
+B, P, R = 32, 3, 4  # rows, prompt length (left-padded), response length
+T = P + R
+TARGET = 7  # toy task: reward = fraction of response tokens equal to TARGET
+OPTS = {"xla_backend_optimization_level": 0}
+PPO = PPOConfig(
+    actor_lr=1e-2,
+    critic_lr=1e-2,
+    mini_batch_size=16,
+    ppo_epochs=2,
+    entropy_coef=0.0,
+    kl_coef=0.01,
+    kl_adaptive=True,
+    kl_target=0.05,
+    kl_horizon=1000.0,
+)
+GRPO = PPOConfig(
+    advantage_estimator="grpo",
+    actor_lr=1e-2,
+    mini_batch_size=16,
+    ppo_epochs=2,
+    entropy_coef=0.0,
+    kl_in_reward=False,
+    kl_loss_coef=0.01,
+)
+GROUP = 4  # GRPO samples per prompt
+POLICY_FN = model_fns(CausalLM(MODEL))[0]  # one callable: the sampler compiles once per mesh
+
+
+def _mesh(shape):
+    n = int(np.prod(shape))
+    return sharding.make_mesh(
+        dict(zip(("data", "fsdp", "tensor"), shape, strict=True)), jax.devices()[:n]
+    )
+
+
+@functools.cache
+def _steps(cfg, shape):
+    mesh = _mesh(shape)
+    return mesh, make_jitted(cfg, CausalLM(MODEL), ValueModel(MODEL), mesh, compiler_options=OPTS)
+
+
+def _init(cfg, shape, seed=0):
+    mesh, _ = _steps(cfg, shape)
+    return init_train_state(cfg, CausalLM(MODEL), ValueModel(MODEL), jax.random.PRNGKey(seed), mesh)
+
+
+def _copy(tree):
+    return jax.tree.map(jnp.copy, tree)
+
+
+def _prompts(rng):
+    tokens = rng.integers(0, MODEL.vocab_size, (B, P)).astype(np.int32)
+    lengths = rng.integers(1, P + 1, B)
+    mask = np.arange(P)[None, :] >= (P - lengths)[:, None]
+    return np.where(mask, tokens, 0).astype(np.int32), mask
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _sample(policy_fn, params, prompt_BxP, prompt_mask_BxP, key):
+    """Temperature-1 ancestral sampling of R tokens (full forward per token; tiny model)."""
+    tokens = jnp.concatenate([prompt_BxP, jnp.zeros((B, R), jnp.int32)], axis=1)
+    mask = jnp.concatenate([prompt_mask_BxP, jnp.ones((B, R), bool)], axis=1)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+
+    def body(i, carry):
+        tokens, key = carry
+        key, sub = jax.random.split(key)
+        logits = policy_fn(params, tokens, positions, mask)
+        nxt = jax.random.categorical(sub, logits[:, P + i - 1])
+        return tokens.at[:, P + i].set(nxt.astype(jnp.int32)), key
+
+    tokens, _ = jax.lax.fori_loop(0, R, body, (tokens, key))
+    return tokens, mask, positions
+
+
+def _rollout(cfg, shape, state, rng, key, group=1):
+    """Sample, score (toy rule), and fill old/ref log-probs and old values."""
+    _, steps = _steps(cfg, shape)
+    prompt, pmask = _prompts(rng)
+    group_id = np.arange(B, dtype=np.int32) // group
+    prompt, pmask = prompt[group_id * group], pmask[group_id * group]
+    tokens, mask, positions = _sample(POLICY_FN, state.actor_params, prompt, pmask, key)
+    tokens = np.asarray(tokens)
+    resp = np.zeros((B, T), bool)
+    resp[:, P:] = True
+    scores = (tokens[:, P:] == TARGET).mean(axis=1).astype(np.float32)
+    zeros = np.zeros((B, T), np.float32)
+    batch = RolloutBatch(
+        tokens, np.asarray(mask), np.asarray(positions), resp, zeros, zeros, zeros, scores,
+        np.ones(B, bool), group_id,
+    )  # fmt: skip
+    return _fill(steps, state, batch)
+
+
+def _fill(steps, state, batch):
+    return steps.prepare(state, jax.device_put(batch, steps.batch_shardings))
+
+
+def _edge_batch(cfg, shape, state):
+    """A rollout with an invalid row, a zero-length response and a short response."""
+    rng = np.random.default_rng(1)
+    batch = _rollout(cfg, shape, state, rng, jax.random.PRNGKey(1))
+    resp = np.array(batch.response_mask_BxT)
+    valid = np.ones(B, bool)
+    resp[3] = False  # zero-length response (valid, scored)
+    resp[5, P + 2 :] = False  # response of 2 tokens
+    valid[9] = False  # reward infrastructure failure
+    batch = batch.replace(response_mask_BxT=resp, valid_B=valid)
+    return jax.device_put(batch, _steps(cfg, shape)[1].batch_shardings)
+
+
+# ----------------------------------------------------------------------------- tests
+def test_config_validation():
+    with pytest.raises(ValueError, match="advantage_estimator"):
+        PPOConfig(advantage_estimator="ppo2")
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        PPOConfig(mini_batch_size=16, micro_batch_size=5)
+    with pytest.raises(ValueError, match="dual_clip"):
+        PPOConfig(dual_clip=1.1)
+    with pytest.raises(ValueError, match="kl_adaptive"):
+        PPOConfig(kl_adaptive=True, kl_in_reward=False)
+    with pytest.raises(ValueError, match="unknown fields"):
+        PPOConfig.from_dict({"clip_ratio": 0.2})
+    assert PPOConfig.from_dict({"clip_low": 0.1}).clip_low == 0.1
+    assert PPOConfig().use_critic and PPOConfig().use_ref
+    assert not GRPO.use_critic and GRPO.use_ref
+
+
+def test_alignment_of_logprobs_and_values():
+    """Values and log-probs of token t both come from position t - 1 (bug 7.9: critic shift)."""
+    tokens = jnp.array([[3, 1, 4, 1, 5]], jnp.int32)
+    batch = RolloutBatch(
+        tokens, jnp.ones_like(tokens), jnp.arange(5)[None], None, None, None, None, None, None,
+        None,
+    )  # fmt: skip
+    value_fn = lambda p, tok, pos, m: 10.0 * tok + pos  # noqa: E731
+    np.testing.assert_allclose(compute_values(value_fn, None, batch), [[0, 30, 11, 42, 13]])
+    # Logits at position s put all mass on token s + 1: every real token then has log-prob 0.
+    next_tok = jnp.roll(tokens, -1, axis=1)
+    policy_fn = lambda p, tok, pos, m: 50.0 * jax.nn.one_hot(next_tok, 8)  # noqa: E731
+    logp = np.asarray(compute_logprobs(policy_fn, None, batch))
+    assert logp[0, 0] == 0.0
+    np.testing.assert_allclose(logp[0, 1:], 0.0, atol=1e-6)
+    shifted = lambda p, tok, pos, m: 50.0 * jax.nn.one_hot(tok, 8)  # noqa: E731
+    assert np.all(np.asarray(compute_logprobs(shifted, None, batch))[0, 1:] < -10)
+
+
+def test_update_same_on_1_and_8_devices_with_micro_batches():
+    """PPO (critic, adaptive in-reward KL) on 1 device vs a 2x2x2 mesh with 2 micro-batches per
+    mini-batch: same metrics and params. Also: edge rows stay finite, KL controller formula."""
+    s1 = _init(PPO, (1, 1, 1))
+    cfg8 = PPO.replace(micro_batch_size=8)
+    s8 = _init(cfg8, (2, 2, 2))
+    b1 = _edge_batch(PPO, (1, 1, 1), s1)
+    b8 = _fill(_steps(cfg8, (2, 2, 2))[1], s8, jax.device_get(b1))  # same tokens, recomputed
+    np.testing.assert_allclose(b1.old_values_BxT, b8.old_values_BxT, rtol=1e-5, atol=1e-6)
+    before = _copy(s1.actor_params)
+    n1, m1 = _steps(PPO, (1, 1, 1))[1].update(s1, b1)
+    n8, m8 = _steps(cfg8, (2, 2, 2))[1].update(s8, b8)
+    assert set(m1) == set(m8)
+    for k in m1:
+        assert np.isfinite(float(m1[k])), k
+        np.testing.assert_allclose(float(m8[k]), float(m1[k]), rtol=2e-4, atol=2e-5, err_msg=k)
+    # Adam turns reduction-order noise in near-zero gradients into steps of up to ~lr: params
+    # after 4 updates at lr 1e-2 agree to 2e-4 (they move by ~4e-2).
+    for a, b in zip(jax.tree.leaves(n1), jax.tree.leaves(n8), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=2e-4)
+    pairs = zip(jax.tree.leaves(n1.actor_params), jax.tree.leaves(before), strict=True)
+    moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in pairs]
+    assert max(moved) > 1e-3  # the update did something
+    assert float(m1["skipped"]) == 0 and int(n1.step) == 1
+    assert float(m1["invalid_count"]) == 1 and float(m1["empty_response_count"]) == 1
+    ref_coef = algo.kl_controller_update(
+        jnp.float32(PPO.kl_coef), m1["kl_ref"], B - 1, PPO.kl_target, PPO.kl_horizon
+    )
+    np.testing.assert_allclose(float(n1.kl_coef), float(ref_coef), rtol=1e-6)
+    assert float(n1.kl_coef) != PPO.kl_coef
+    # The sharded state stays in its declared shardings after a donated update.
+    spec = _steps(cfg8, (2, 2, 2))[1].state_shardings
+    for arr, sh in zip(jax.tree.leaves(n8), jax.tree.leaves(spec), strict=True):
+        assert arr.sharding.is_equivalent_to(sh, arr.ndim)
+
+
+def test_invalid_rows_are_excluded_from_everything():
+    """Garbage (NaN, huge) in an invalid row changes nothing: losses, whitening, KL, params."""
+    cfg, shape = PPO, (1, 1, 1)
+    state = _init(cfg, shape)
+    batch = _edge_batch(cfg, shape, state)
+    outs = []
+    for garbage in (np.nan, 1e6):
+        scores = np.array(batch.scores_B)
+        old_logp = np.array(batch.old_logp_BxT)
+        values = np.array(batch.old_values_BxT)
+        scores[9], old_logp[9], values[9] = garbage, garbage, garbage
+        b = batch.replace(scores_B=scores, old_logp_BxT=old_logp, old_values_BxT=values)
+        b = jax.device_put(b, _steps(cfg, shape)[1].batch_shardings)
+        outs.append(_steps(cfg, shape)[1].update(_copy(state), b))
+    (s_a, m_a), (s_b, m_b) = outs
+    assert float(m_a["skipped"]) == 0
+    for k in m_a:
+        np.testing.assert_allclose(float(m_a[k]), float(m_b[k]), rtol=1e-6, err_msg=k)
+    for a, b in zip(jax.tree.leaves(s_a), jax.tree.leaves(s_b), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("field", ["scores_B", "old_logp_BxT", "ref_logp_BxT"])
+def test_nan_input_skips_the_update(field):
+    cfg, shape = PPO, (1, 1, 1)
+    _, steps = _steps(cfg, shape)
+    state = _init(cfg, shape)
+    batch = _edge_batch(cfg, shape, state)
+    x = np.array(getattr(batch, field))
+    x[(0, -1) if x.ndim == 2 else 0] = np.nan  # a valid row's score or last response token
+    bad = jax.device_put(batch.replace(**{field: x}), steps.batch_shardings)
+    before = _copy(state)
+    after, metrics = steps.update(state, bad)
+    assert float(metrics["skipped"]) == 1 and float(metrics["inputs_finite"]) == 0
+    assert int(after.step) == 1 and int(after.skipped_steps) == 1
+    assert int(after.consecutive_skips) == 1
+    for name in ("actor_params", "actor_opt_state", "critic_params", "critic_opt_state"):
+        for a, b in zip(
+            jax.tree.leaves(getattr(after, name)),
+            jax.tree.leaves(getattr(before, name)),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    assert float(after.kl_coef) == float(before.kl_coef)
+    after, metrics = steps.update(after, batch)  # a good step resets the consecutive count
+    assert float(metrics["skipped"]) == 0
+    assert int(after.step) == 2 and int(after.skipped_steps) == 1
+    assert int(after.consecutive_skips) == 0
+
+
+def _learn(cfg, seed, n_steps, group):
+    shape = (1, 1, 1)
+    state = _init(cfg, shape, seed)
+    rng = np.random.default_rng(seed)
+    key = jax.random.PRNGKey(100 + seed)
+    rewards = []
+    for _ in range(n_steps):
+        key, sub = jax.random.split(key)
+        batch = _rollout(cfg, shape, state, rng, sub, group)
+        rewards.append(float(np.mean(batch.scores_B)))
+        state, metrics = _steps(cfg, shape)[1].update(state, batch)
+        assert float(metrics["skipped"]) == 0
+    return np.array(rewards)
+
+
+@pytest.mark.parametrize("cfg,group", [(PPO, 1), (GRPO, GROUP)], ids=["ppo_gae", "grpo"])
+def test_learns_toy_rule_reward(cfg, group):
+    """Reward = share of response tokens equal to 7 (chance 1/16). Over several seeds, the mean
+    reward of the last 3 steps beats the first 3 by a wide margin on every seed (measured: first
+    ~0.05, last ~0.9-1.0; a sign error drives it to 0, a no-op leaves it at ~0.06)."""
+    n_steps, seeds = 10, (0, 1, 2)
+    curves = np.stack([_learn(cfg, s, n_steps, group) for s in seeds])
+    first, last = curves[:, :3].mean(1), curves[:, -3:].mean(1)
+    assert np.all(first < 0.2), curves
+    assert np.all(last > first + 0.4), curves
