@@ -303,7 +303,7 @@ def finished_step(workdir: str | os.PathLike) -> int | None:
 
 
 def status(run: Run) -> str:
-    """ "finished", "resume" (has a checkpoint before the last step) or "new"."""
+    """The run's state: "finished", "resume" (a checkpoint before the last step) or "new"."""
     step = finished_step(run.workdir)
     if step is None:
         return "new"
@@ -332,7 +332,7 @@ def plan(
         cfg = resolve_point(base, config_spec, p, extra)
         try:
             total = int(_get(cfg, steps_field))
-        except (KeyError, AttributeError, TypeError) as e:
+        except (KeyError, AttributeError, TypeError, ValueError) as e:
             raise SweepError(
                 f"steps_field {steps_field!r} is not an int field of the config"
             ) from e

@@ -155,6 +155,9 @@ def test_plan_resolves_configs_as_train_sees_them(tmp_path):
     assert run.total_steps == 5 and run.workdir == tmp_path / points[0].dirname
     with pytest.raises(hyper.SweepError, match="both a shared override and swept"):
         hyper.plan(DEMO, points, tmp_path, extra=["ppo.actor_lr=1e-3"])
+    for field in ("data.task", "train.no_such_steps"):
+        with pytest.raises(hyper.SweepError, match=f"steps_field '{field}' is not an int field"):
+            hyper.plan(DEMO, points, tmp_path, steps_field=field)
     with pytest.raises(hyper.SweepError, match=r"train.num_steps=many: invalid literal for int"):
         hyper.plan(DEMO, points, tmp_path, extra=["train.num_steps=many"])
 
@@ -323,3 +326,47 @@ def test_sequential_runs_start_in_sweep_order(tmp_path):
     assert code == 0
     assert [i["name"] for i in _invocations(root)] == ["seed=3", "seed=1", "seed=2"]
     assert "fake_train.py" in (root / "seed=1" / "sweep_point.json").read_text()
+
+
+TINY_DEMO = [  # configs/demo.py shrunk so one point takes ~1 minute on 2 cores
+    "model.overrides.num_layers=1",
+    "model.overrides.embed_dim=32",
+    "model.overrides.mlp_dim=64",
+    "train.prompts_per_step=8",
+    "ppo.mini_batch_size=8",
+    "sampling.max_new_tokens=4",
+    "data.num_val_examples=8",
+    "train.val_every=0",
+    "logging.tensorboard=False",
+    "logging.progress=False",
+]
+
+
+@pytest.mark.skipif(
+    not os.environ.get("DEEPRETRIEVAL_SLOW_TESTS"),
+    reason="runs launch/train.py for real (~2-4 min on 2 cores); set DEEPRETRIEVAL_SLOW_TESTS=1",
+)
+def test_real_trainer_point_finishes_resumes_and_is_skipped(tmp_path, monkeypatch):
+    data = Path(os.environ.get("DEEPRETRIEVAL_DATA_DIR", REPO.parent / "shared" / "data"))
+    if not (data / "scifact" / "corpus.jsonl").is_file():
+        pytest.skip(f"SciFact (BEIR layout) not under {data}")
+    monkeypatch.setenv("DEEPRETRIEVAL_DATA_DIR", str(data))
+    spec = _write_sweep(
+        tmp_path, "def get_sweep(arg=None):\n    return hyper.sweep('ppo.actor_lr', [1e-4])\n"
+    )
+    root, kw = tmp_path / "root", dict(sweep_spec=spec, log=lambda m: None)
+    workdir = root / "actor_lr=0.0001"
+    assert runner.execute(DEMO, root, extra=[*TINY_DEMO, "train.num_steps=1"], **kw) == 0
+    assert hyper.finished_step(workdir) == 1
+    # The same point with more steps: not finished, so the trainer resumes from step 1.
+    assert runner.execute(DEMO, root, extra=[*TINY_DEMO, "train.num_steps=2"], **kw) == 0
+    assert hyper.finished_step(workdir) == 2
+    log = (workdir / "train.log").read_text()
+    assert "Resumed from" in log and "step 1" in log
+    train_steps = [r["step"] for r in map(json.loads, (workdir / "metrics.jsonl").open())
+                   if "reward/mean" in r]  # fmt: skip
+    assert train_steps == [1, 2]
+    assert json.loads((workdir / "config.json").read_text())["train"]["num_steps"] == 2
+    size = len(log)
+    assert runner.execute(DEMO, root, extra=[*TINY_DEMO, "train.num_steps=2"], **kw) == 0
+    assert len((workdir / "train.log").read_text()) == size  # finished: not launched again
