@@ -139,9 +139,12 @@ def run_local(
             with open(run.workdir / LOG_FILE, "a", encoding="utf-8") as out:
                 try:
                     with lock:
+                        # Own session: a terminal's Ctrl-C reaches only this process, which
+                        # turns it into SIGTERM (the trainer's checkpoint-and-stop signal).
                         procs[run.name] = subprocess.Popen(
-                            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT
-                        )
+                            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT,
+                            start_new_session=True,
+                        )  # fmt: skip
                     code = procs[run.name].wait()
                 except OSError as e:  # the command itself cannot start
                     out.write(f"launch/sweep.py: cannot start {cmd[0]!r}: {e}\n")

@@ -9,9 +9,11 @@ CheckpointManager counts) and metrics.jsonl, and can be made to crash mid-run.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -370,3 +372,42 @@ def test_real_trainer_point_finishes_resumes_and_is_skipped(tmp_path, monkeypatc
     size = len(log)
     assert runner.execute(DEMO, root, extra=[*TINY_DEMO, "train.num_steps=2"], **kw) == 0
     assert len((workdir / "train.log").read_text()) == size  # finished: not launched again
+
+
+FAKE_WAITING_TRAIN = textwrap.dedent(
+    """
+    import signal, sys
+    from pathlib import Path
+    wd = Path([a for a in sys.argv if a.startswith("--workdir=")][0].split("=", 1)[1])
+    def on_term(signum, frame):
+        (wd / "got_sigterm").write_text("")
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, on_term)
+    (wd / "started").write_text("")
+    while True:
+        signal.pause()
+    """
+)
+
+
+def test_ctrl_c_forwards_sigterm_to_running_points(tmp_path):
+    fake = tmp_path / "fake_wait.py"
+    fake.write_text(FAKE_WAITING_TRAIN)
+    spec = _write_sweep(tmp_path, "def get_sweep(arg=None):\n    return hyper.sweep('seed', [1])\n")
+    root = tmp_path / "root"
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "launch" / "sweep.py"), f"--config={DEMO}", f"--sweep={spec}",
+         f"--workdir={root}", f"--script={fake}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    started = root / "seed=1" / "started"
+    for _ in range(600):  # wait (up to 60 s) for the point to be running
+        if started.exists() or proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    assert started.exists(), proc.communicate()[0]
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert (root / "seed=1" / "got_sigterm").exists(), out
+    assert "Interrupted: SIGTERM to running points" in out
