@@ -18,6 +18,7 @@ from deepretrieval_jax.rl import algo
 from deepretrieval_jax.rl.state import PPOConfig, init_train_state
 from deepretrieval_jax.rl.update import (
     RolloutBatch,
+    compute_advantages,
     compute_logprobs,
     compute_values,
     make_jitted,
@@ -174,6 +175,59 @@ def test_alignment_of_logprobs_and_values():
     assert np.all(np.asarray(compute_logprobs(shifted, None, batch))[0, 1:] < -10)
 
 
+@pytest.mark.parametrize("estimator", ["gae", "grpo", "rloo"])
+def test_compute_advantages_matches_numpy(estimator):
+    """Token rewards with in-reward k1 KL, then GAE + whitening or group baselines on the
+    outcome (score - coef * summed KL); invalid rows and padding excluded."""
+    rng = np.random.default_rng(3)
+    n, t = 8, 6
+    resp = np.zeros((n, t), bool)
+    for b in range(n):
+        resp[b, 2 : 2 + rng.integers(0, 5)] = True
+    valid = np.ones(n, bool)
+    valid[5] = False
+    old, ref, values = rng.normal(size=(3, n, t)).astype(np.float32)
+    scores = rng.normal(size=n).astype(np.float32)
+    scores[5] = np.nan
+    batch = RolloutBatch(
+        np.zeros((n, t), np.int32), np.ones((n, t), bool), np.zeros((n, t), np.int32), resp,
+        old, ref, values, scores, valid, np.arange(n, dtype=np.int32) // 4,
+    )  # fmt: skip
+    cfg = PPOConfig(advantage_estimator=estimator, gamma=0.9, lam=0.8, kl_coef=0.1)
+    adv, ret, rew, metrics = jax.jit(compute_advantages, static_argnums=1)(batch, cfg, 0.1)
+    m = resp & valid[:, None]
+    kl = np.where(m, old - ref, 0.0)
+    ref_rew = -0.1 * kl
+    for b in range(n):
+        if m[b].any():
+            ref_rew[b, np.nonzero(m[b])[0][-1]] += scores[b]
+    np.testing.assert_allclose(rew, ref_rew, rtol=1e-5, atol=1e-6)
+    if estimator == "gae":
+        raw = np.zeros((n, t))
+        for b in range(n):
+            nv = na = 0.0
+            for i in np.nonzero(m[b])[0][::-1]:
+                na = ref_rew[b, i] + 0.9 * nv - values[b, i] + 0.9 * 0.8 * na
+                nv, raw[b, i] = values[b, i], na
+        np.testing.assert_allclose(ret, np.where(m, raw + values, 0), rtol=1e-5, atol=1e-5)
+        ref_adv = (raw - raw[m].mean()) / np.sqrt(raw[m].var(ddof=1) + 1e-8)
+    else:
+        outcome = scores - 0.1 * kl.sum(-1)
+        ref_b = np.zeros(n)
+        for g in range(2):
+            idx = [i for i in range(4 * g, 4 * g + 4) if valid[i]]
+            x = outcome[idx]
+            if estimator == "grpo":
+                ref_b[idx] = (x - x.mean()) / (x.std(ddof=1) + 1e-6)
+            else:
+                ref_b[idx] = [x[k] - np.delete(x, k).mean() for k in range(len(x))]
+        ref_adv = np.broadcast_to(ref_b[:, None], (n, t))
+    np.testing.assert_allclose(adv, np.where(m, ref_adv, 0), rtol=1e-4, atol=1e-5)
+    assert float(metrics["invalid_count"]) == 1
+    assert float(metrics["empty_response_count"]) == np.sum(valid & ~m.any(-1))
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+
+
 def test_update_same_on_1_and_8_devices_with_micro_batches():
     """PPO (critic, adaptive in-reward KL) on 1 device vs a 2x2x2 mesh with 2 micro-batches per
     mini-batch: same metrics and params. Also: edge rows stay finite, KL controller formula."""
@@ -229,6 +283,19 @@ def test_invalid_rows_are_excluded_from_everything():
     for k in m_a:
         np.testing.assert_allclose(float(m_a[k]), float(m_b[k]), rtol=1e-6, err_msg=k)
     for a, b in zip(jax.tree.leaves(s_a), jax.tree.leaves(s_b), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # A batch with no valid row: nothing moves (AdamW momentum / decay not applied), no skip.
+    none_valid = jax.device_put(
+        batch.replace(valid_B=np.zeros(B, bool)), _steps(cfg, shape)[1].batch_shardings
+    )
+    after, metrics = _steps(cfg, shape)[1].update(_copy(state), none_valid)
+    assert float(metrics["skipped"]) == 0 and float(metrics["empty_minibatch"]) == 1
+    assert float(metrics["invalid_count"]) == B
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+    pairs = zip(
+        jax.tree.leaves(after.actor_params), jax.tree.leaves(state.actor_params), strict=True
+    )
+    for a, b in pairs:
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 

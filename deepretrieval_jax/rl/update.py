@@ -157,8 +157,12 @@ def compute_advantages(batch: RolloutBatch, cfg: PPOConfig, kl_coef):
     response_len_B = jnp.sum(mask_BxT, axis=-1).astype(jnp.float32)
     metrics = {
         "score_mean": algo.masked_mean(batch.scores_B, valid_B),
-        "score_max": jnp.max(jnp.where(valid_B, batch.scores_B, -jnp.inf)),
-        "score_min": jnp.min(jnp.where(valid_B, batch.scores_B, jnp.inf)),
+        "score_max": jnp.where(
+            jnp.any(valid_B), jnp.max(jnp.where(valid_B, batch.scores_B, -1e30)), 0.0
+        ),
+        "score_min": jnp.where(
+            jnp.any(valid_B), jnp.min(jnp.where(valid_B, batch.scores_B, 1e30)), 0.0
+        ),
         "kl_ref": algo.mean_sequence_kl(kl_BxT, mask_BxT),
         "kl_coef": jnp.asarray(kl_coef, jnp.float32),
         "invalid_count": jnp.sum(~valid_B).astype(jnp.float32),
@@ -361,16 +365,20 @@ def ppo_update(
                 lr_critic=current_lr(cfg, critic_o, cfg.critic_lr),
             )
             finite = finite & jnp.isfinite(c_norm) & jnp.isfinite(c_metrics["value_loss"])
+        # A mini-batch without valid response tokens has zero gradients: applying AdamW would
+        # still move params (momentum, weight decay), so it is left out (not a skip).
+        apply = finite & (num_tokens > 0)
         updates, new_actor_o = actor_tx.update(a_grads, actor_o, actor_p)
         actor_p, actor_o = _tree_select(
-            finite, (optax.apply_updates(actor_p, updates), new_actor_o), (actor_p, actor_o)
+            apply, (optax.apply_updates(actor_p, updates), new_actor_o), (actor_p, actor_o)
         )
         if cfg.use_critic:
             updates, new_critic_o = critic_tx.update(c_grads, critic_o, critic_p)
             critic_p, critic_o = _tree_select(
-                finite, (optax.apply_updates(critic_p, updates), new_critic_o), (critic_p, critic_o)
+                apply, (optax.apply_updates(critic_p, updates), new_critic_o), (critic_p, critic_o)
             )
         n_skipped = n_skipped + (~finite).astype(jnp.int32)
+        metrics["empty_minibatch"] = (num_tokens == 0).astype(jnp.float32)
         return (actor_p, actor_o, critic_p, critic_o, finite, n_skipped), metrics
 
     carry = (
