@@ -5,8 +5,9 @@ Launch (after the demo's SFT, see configs/demo.py), two points at a time, one co
         --workdir=/tmp/demo_sweep --parallel=2 --cpus_per_run=1 \
         --override=model.init_checkpoint=/tmp/demo_sft/checkpoints
     python launch/compare.py --workdirs=/tmp/demo_sweep --out=/tmp/demo_sweep
-Six points of the demo's 40 PPO steps each; re-running the first command skips finished points
-and resumes interrupted ones. `:clip` sweeps the clip range and temperature instead.
+Six points, each one PPO run of the demo (its 40 steps, runtime as in configs/demo.py), two at
+a time; re-running the first command skips finished points and resumes interrupted ones.
+`:clip` sweeps the clip range (zipped low/high) and the sampling temperature instead.
 """
 
 from deepretrieval_jax import sweep as hyper
