@@ -9,11 +9,12 @@ for which the model shape comes from a preset name or an HF config.json.
 call. Invariants:
 - Compilations are bounded: one `Sampler` per distinct `GenSettings` (kept in an LRU of
   `max_samplers`), each compiled once per (prompt bucket, batch bucket); the batch is padded to
-  the next power of two (up to `max_batch`) with one-token dummy rows, and every call decodes
+  the next power of two in [min_batch, max_batch] with one-token dummy rows; every call decodes
   into a buffer of `max_new_tokens` columns with the per-call limit passed as a traced value.
 - Rows with different limits share a call: the call runs to the largest limit and each row is
   cut to its own (its finish reason becomes "length"); sampling is causal, so a row's first k
   tokens do not depend on how long the call runs.
+- Ids past the tokenizer's vocabulary (padding rows of the embedding) are never sampled.
 - Stop strings end rows on device when the tokenizer is byte-level BPE (`sampling.TokenBytes`);
   otherwise rows run on and the text is cut on the host. `Completion.text` keeps the stop
   string; callers with OpenAI semantics cut it (`cut_at_stop`).
@@ -77,11 +78,23 @@ def cut_at_stop(text: str, stop: Sequence[str], keep: bool = False) -> tuple[str
     return text[: i + len(s)] if keep else text[:i], True
 
 
-def _batch_bucket(n: int, max_batch: int) -> int:
+def _batch_bucket(n: int, min_batch: int, max_batch: int) -> int:
     b = 1
-    while b < n:
+    while b < max(n, min_batch):
         b *= 2
     return min(b, max(max_batch, n))
+
+
+def _vocab_masked(fns: sampler_lib.ModelFns, num_ids: int) -> sampler_lib.ModelFns:
+    """`fns` whose logits are -inf past the tokenizer's ids (the embedding's padding rows)."""
+    import jax.numpy as jnp
+
+    def apply(params, tokens, positions, mask, cache):
+        logits, cache = fns.apply(params, tokens, positions, mask, cache)
+        real = jnp.arange(logits.shape[-1]) < num_ids
+        return jnp.where(real, logits, jnp.finfo(logits.dtype).min), cache
+
+    return dataclasses.replace(fns, apply=apply)
 
 
 class Policy:
@@ -96,6 +109,7 @@ class Policy:
         name: str = "policy",
         max_new_tokens: int = 512,
         max_batch: int = 8,
+        min_batch: int = 1,
         prompt_buckets: Sequence[int] = (64, 128, 256, 512, 1024, 2048),
         seed: int = 0,
         max_samplers: int = 8,
@@ -108,11 +122,11 @@ class Policy:
         self.model_config, self.params, self.tokenizer, self.name = (
             model_config, params, tokenizer, name,
         )  # fmt: skip
-        self.max_new_tokens, self.max_batch = max_new_tokens, max_batch
+        self.max_new_tokens, self.max_batch, self.min_batch = max_new_tokens, max_batch, min_batch
         self.prompt_buckets = tuple(sorted(prompt_buckets))
         self.eos_ids = tuple(int(i) for i in tokenizer.eos_ids)
         self.pad_id = int(tokenizer.pad_id)
-        self._fns = sampler_lib.causal_lm_fns(model_config)
+        self._fns = _vocab_masked(sampler_lib.causal_lm_fns(model_config), tokenizer.vocab_size)
         try:
             self._token_bytes = sampling.token_bytes_from_tokenizer(
                 tokenizer, model_config.vocab_size
@@ -183,7 +197,7 @@ class Policy:
 
     def _generate(self, rows, settings, limits) -> list[Completion]:
         n = len(rows)
-        B = _batch_bucket(n, self.max_batch)
+        B = _batch_bucket(n, self.min_batch, self.max_batch)
         width = max(len(r) for r in rows)
         tokens = np.full((B, width), self.pad_id, np.int32)
         mask = np.zeros((B, width), np.int32)

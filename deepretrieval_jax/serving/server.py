@@ -40,6 +40,7 @@ from deepretrieval_jax.serving.scheduler import (
 )
 
 ApiError = oa.ApiError
+SERVICE_KEY = web.AppKey("service", object)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +197,7 @@ def make_app(service: Service) -> web.Application:
             await s.close()
 
     app.cleanup_ctx.append(lifecycle)
-    app["service"] = service
+    app[SERVICE_KEY] = service
     return app
 
 
