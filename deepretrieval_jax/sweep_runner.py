@@ -68,14 +68,21 @@ def command(
     ]
 
 
-def write_layout(runs: Sequence[Run], root: str | os.PathLike) -> None:
-    """Writes each point's config.json and sweep_point.json, and ROOT/sweep.json."""
+def write_layout(runs: Sequence[Run], root: str | os.PathLike, log=print) -> None:
+    """Writes each point's config.json and sweep_point.json, and ROOT/sweep.json.
+
+    A point that already has checkpoints but whose resolved config changed since the last
+    launch gets a warning (it resumes under the new config).
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     summary = []
     for run in runs:
         run.workdir.mkdir(parents=True, exist_ok=True)
-        (run.workdir / CONFIG_FILE).write_text(run.config.to_json_best_effort(indent=2) + "\n")
+        config_path, text = run.workdir / CONFIG_FILE, run.config.to_json_best_effort(indent=2)
+        if config_path.exists() and config_path.read_text() != text + "\n" and status(run) != "new":
+            log(f"[{run.name}] WARNING: its config differs from {config_path} of its checkpoints")
+        config_path.write_text(text + "\n")
         info = {
             "name": run.name,
             "overrides": {k: format_value(v) for k, v in run.point.overrides},
@@ -267,7 +274,7 @@ def execute(
     cfg_shown, script_shown = _repo_relative(config_spec), _repo_relative(script)
     for r in runs:
         r.command = command(r, cfg_shown, extra, script_shown, python)
-    write_layout(runs, root)
+    write_layout(runs, root, log)
     log(f"Sweep of {len(runs)} points under {Path(root).absolute()}")
     if mode == "local":
         results = run_local(runs, parallel, gpus_per_run, cpus_per_run, log)

@@ -235,6 +235,10 @@ def test_local_runner_skips_finished_and_resumes_interrupted(tmp_path, monkeypat
     assert len(_invocations(root)) == len(first) + 1  # everything finished: nothing ran
     statuses = {p["name"]: p["status"] for p in json.loads((root / "sweep.json").read_text())}
     assert set(statuses.values()) == {"finished"}
+    messages = []
+    changed = dict(kw, extra=["train.num_steps=4", "ppo.kl_coef=0.5"], log=messages.append)
+    assert runner.execute(DEMO, root, **changed) == 0
+    assert sum("WARNING: its config differs" in m for m in messages) == 3
 
 
 def test_local_runner_pins_each_slot(tmp_path):
