@@ -13,6 +13,7 @@ import json
 import aiohttp
 import pytest
 from aiohttp import web
+from tiny_models import save_tiny_policy
 
 from deepretrieval_jax.data.tasks import get_task
 from deepretrieval_jax.serving import policy as policy_lib
@@ -24,19 +25,6 @@ CAP = 12  # max_new_tokens of the served policy
 SHORT = dict(system="Be brief.", instruction="Write a query.", note="",
              output_format='<think>...</think><answer>{"query": "..."}</answer>')  # fmt: skip
 LONG_WAIT = 60_000.0  # ms: batches leave only when full (or at shutdown)
-
-
-def save_tiny_policy(path):
-    """A tiny random Qwen2 policy as an HF directory with a 100-id tokenizer (no torch)."""
-    from tiny_models import random_params, save_tiny_tokenizer
-
-    from deepretrieval_jax import hf_io
-    from deepretrieval_jax.models import CausalLM, ModelConfig
-
-    config = ModelConfig.tiny()
-    hf_io.save_params(random_params(CausalLM(config), config, scale=0.5), config, path)
-    save_tiny_tokenizer(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -304,3 +292,17 @@ def test_rewrite_returns_query_reasoning_and_results(policy, corpus_dir):
     assert len(r1["results"]) <= 2 and r1["usage"]["completion_tokens"] <= 4
     assert s2 == 200, r2
     assert r2["results"] == [] and r2["query_source"] is None and "reasoning" in r2
+
+
+def test_rows_with_different_limits_share_a_call(policy):
+    rows = [policy.encode("p1"), policy.encode("prompt number 3: xxx")]
+    greedy, calls = policy_lib.GenSettings(), policy.calls
+    short = policy.generate(rows, greedy, [3, CAP])
+    full = policy.generate(rows, greedy, [CAP, CAP])
+    assert policy.calls - calls == 2
+    assert short[0].completion_tokens <= 3 and full[0].text.startswith(short[0].text)
+    assert short[1] == full[1]
+    if full[0].completion_tokens > 3:
+        assert short[0].finish_reason == "length"
+    with pytest.raises(ValueError, match="longer than 256"):
+        policy.generate([[1] * 257], greedy, [2])

@@ -149,3 +149,15 @@ def save_tiny_tokenizer(path):
     )
     hf.add_special_tokens({"additional_special_tokens": specials})
     hf.save_pretrained(str(path))
+
+
+def save_tiny_policy(path, seed: int = 0):
+    """A tiny random Qwen2 policy as an HF directory (`ModelConfig.tiny`, weights N(0, 0.5))
+    with `save_tiny_tokenizer`'s tokenizer; written by hf_io, so no torch is imported."""
+    from deepretrieval_jax import hf_io
+    from deepretrieval_jax.models import CausalLM
+
+    config = ModelConfig.tiny()
+    hf_io.save_params(random_params(CausalLM(config), config, seed, scale=0.5), config, path)
+    save_tiny_tokenizer(path)
+    return path

@@ -1,0 +1,136 @@
+"""launch/rewrite.py and the rewrite pieces: inputs, interpretation, policy loading, limits.
+
+The CLI runs as a real subprocess on a tiny HF policy directory and a tiny BM25 corpus that
+the test writes; its JSON lines are checked field by field.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from tiny_models import save_tiny_policy
+
+from deepretrieval_jax.data.tasks import get_task
+from deepretrieval_jax.serving import policy as policy_lib
+from deepretrieval_jax.serving import rewrite
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    return save_tiny_policy(tmp_path_factory.mktemp("rewrite_policy"))
+
+
+def write_corpus(root: Path) -> Path:
+    (root / "scifact").mkdir(parents=True)
+    docs = [
+        ("d1", "Vitamin D and bones", "Vitamin D supplements reduce fractures in older adults."),
+        ("d2", "Aspirin", "Aspirin lowers the risk of a heart attack."),
+        ("d3", "Sleep", "Short sleep is linked to obesity."),
+    ]
+    with open(root / "scifact" / "corpus.jsonl", "w") as f:
+        for i, t, x in docs:
+            f.write(json.dumps({"_id": i, "title": t, "text": x}) + "\n")
+    return root
+
+
+def test_cli_json_output_on_the_tiny_model(policy_dir, tmp_path):
+    data = write_corpus(tmp_path / "data")
+    stdin = 'Vitamin D reduces fractures\n\n{"id": "q7", "input": "aspirin and heart attack"}\n'
+    cmd = [
+        sys.executable, str(ROOT / "launch" / "rewrite.py"), f"--policy={policy_dir}",
+        "--task=scifact", f"--data_dir={data}", "--input_file=-", "--format=json",
+        "--fallback=original", "--max_new_tokens=6", "--max_input_tokens=1024", "--top_k=2",
+        "--batch_size=2",
+    ]  # fmt: skip
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    proc = subprocess.run(
+        cmd, input=stdin, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["id"] for r in records] == ["0", "q7"]
+    for rec, top in zip(records, ("d1", "d2"), strict=True):
+        assert rec["task"] == "scifact" and isinstance(rec["completion"], str)
+        assert rec["query"] is None and rec["error"], "a random tiny model writes no answer"
+        assert rec["query_source"] == "original" and rec["search_error"] is None
+        assert rec["searched_query"] == rec["input"]
+        assert 1 <= len(rec["results"]) <= 2 and rec["results"][0]["id"] == top
+        assert rec["results"][0]["rank"] == 1 and rec["results"][0]["title"]
+        assert rec["finish_reason"] in ("stop", "length")
+        assert 0 < rec["usage"]["completion_tokens"] <= 6 and rec["usage"]["prompt_tokens"] > 100
+        assert "reasoning" in rec
+    assert records[1]["results"][0]["title"] == "Aspirin"
+
+
+def test_pico_inputs_in_every_accepted_form():
+    spec = get_task("pubmed")
+    want = {"P": "adults", "I": "aspirin", "C": "", "O": "stroke"}
+    forms = [
+        {"P": "adults", "I": "aspirin", "O": "stroke"},
+        {"population": " adults ", "Intervention": "aspirin", "outcome": "stroke"},
+        '{"p": "adults", "i": "aspirin", "o": "stroke"}',
+        "P: adults\nI: aspirin\nO: stroke\n",
+    ]
+    assert all(rewrite.parse_input(spec, f) == want for f in forms)
+    for bad, match in [
+        ("just words", "every field is empty"),
+        ({"X": "1"}, "unknown key"),
+        ({"P": 3}, "must be a string"),
+        ("{broken", "not valid JSON"),
+        (["P"], "must be an object"),
+    ]:
+        with pytest.raises(rewrite.InputError, match=match):
+            rewrite.parse_input(spec, bad)
+    assert rewrite.parse_input(get_task("bird"), "how many?") == {
+        "schema": "",
+        "question": "how many?",
+    }
+    with pytest.raises(rewrite.InputError):
+        rewrite.parse_input(get_task("bird"), {"question": "q", "table": "t"})
+    with pytest.raises(rewrite.InputError):
+        rewrite.parse_input(get_task("scifact"), "   ")
+
+
+def test_interpret_extracts_query_and_reasoning():
+    completion = 'compare drugs\n</think>\n<answer>{"query": "(aspirin) AND stroke"}</answer>'
+    info = rewrite.interpret(get_task("pubmed"), completion)
+    assert info == rewrite.Interpretation("(aspirin) AND stroke", "compare drugs", None)
+    direct = rewrite.interpret(get_task("pubmed_no_reason"), '<answer>{"query": "a OR b"}</answer>')
+    assert direct == rewrite.Interpretation("a OR b", None, None)
+    broken = rewrite.interpret(get_task("scifact"), "no tags at all")
+    assert broken.query is None and "answer" in broken.error
+
+
+def test_read_inputs_and_text_format():
+    lines = ["plain text", '"a json string"', '{"id": "x", "input": {"P": "p"}}', "{oops", ""]
+    assert rewrite.read_inputs(lines) == [
+        ("0", "plain text"), ("1", "a json string"), ("x", {"P": "p"}), ("3", "{oops"),
+    ]  # fmt: skip
+    rec = {"id": "7", "task": "scifact", "query": "a AND b", "reasoning": "r", "error": None,
+           "completion": "...", "query_source": "policy", "search_error": None,
+           "results": [{"rank": 1, "id": "d1", "title": "T"}]}  # fmt: skip
+    text = rewrite.format_text(rec)
+    assert "query: a AND b" in text and "reasoning: r" in text and "1. d1  T" in text
+
+
+def test_orbax_checkpoint_loads_like_the_hf_directory(policy_dir, tmp_path):
+    from deepretrieval_jax.checkpoint import CheckpointManager
+
+    hf = policy_lib.load_policy(policy_dir)
+    with CheckpointManager(tmp_path / "run" / "checkpoints", async_save=False) as mgr:
+        mgr.save(3, {"actor_params": hf.params, "step": np.int32(3)})
+    with pytest.raises(ValueError, match="give exactly one of model"):
+        policy_lib.load_policy(tmp_path / "run")
+    kw = dict(config_json=policy_dir / "config.json", tokenizer=str(policy_dir))
+    with pytest.raises(ValueError, match="no 'critic'"):
+        policy_lib.load_policy(tmp_path / "run", params_key="critic", **kw)
+    orbax = policy_lib.load_policy(tmp_path / "run", **kw)  # a run's workdir
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), hf.params, orbax.params)
+    assert all(jax.tree.leaves(same)) and orbax.model_config == hf.model_config
