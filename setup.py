@@ -40,6 +40,7 @@ EXTRAS = {
         "hypothesis>=6.100",
         "tiktoken>=0.7",  # independent reference for the offline Qwen2.5 tokenizer
         "ruff>=0.6",
+        "openai>=1.40",  # the serving tests use the OpenAI client against our server
     ],
     # Dense retrieval backend (sentence-transformers encoders, optional FAISS index).
     "dense": [
