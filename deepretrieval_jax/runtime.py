@@ -45,8 +45,9 @@ def initialize_distributed(
                 f"coordinator {address!r} given without num_processes ({count}) and "
                 f"process_id ({index}); set both (flags or JAX_NUM_PROCESSES / JAX_PROCESS_ID)"
             )
-        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # Cross-process collectives between CPU devices (tests, CPU clusters) need gloo; set
+        # before the backend starts, harmless on GPU/TPU hosts.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(address, num_processes=count, process_id=index)
         return True
     if mode == "on" or any(k in os.environ for k in _AUTO_ENV):

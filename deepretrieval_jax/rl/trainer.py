@@ -243,6 +243,9 @@ class _Run:
         """Sample the global batch, decode this host's rows, submit them; returns handles."""
         enc = self._global_prompts(prompts)
         t0 = time.perf_counter()
+        # Raw key data on the host: every process passes the same value, which the sampler
+        # places on the global mesh (a single-device jax.Array cannot go there multi-host).
+        rng = np.asarray(jax.random.key_data(rng))
         out = sampler(self.state.actor_params, enc.tokens_BxP, enc.mask_BxP, rng)
         tokens, lengths = rollout.local_rows(out.tokens_BnxL), rollout.local_rows(out.lengths_Bn)
         reasons = rollout.local_rows(out.finish_reason_Bn)
