@@ -134,3 +134,25 @@ def test_orbax_checkpoint_loads_like_the_hf_directory(policy_dir, tmp_path):
     orbax = policy_lib.load_policy(tmp_path / "run", **kw)  # a run's workdir
     same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), hf.params, orbax.params)
     assert all(jax.tree.leaves(same)) and orbax.model_config == hf.model_config
+
+
+def test_sql_rewrites_run_on_the_named_database(tmp_path):
+    import asyncio
+    import sqlite3
+
+    db = tmp_path / "spider" / "shop" / "shop.sqlite"
+    db.parent.mkdir(parents=True)
+    with sqlite3.connect(db) as conn:
+        conn.executescript(
+            "CREATE TABLE item (id INT, price REAL); INSERT INTO item VALUES (1, 9);"
+        )
+    spec = get_task("spider")
+    inp = rewrite.parse_input(spec, {"question": "ids?", "db_id": "shop"})
+    searcher = rewrite.Searcher(spec, str(tmp_path))
+    completion = 'x</think><answer>{"sql": "SELECT id FROM item"}</answer>'
+    rec = asyncio.run(rewrite.finish(spec, inp, completion, searcher, top_k=5))
+    assert rec["query"] == "SELECT id FROM item" and rec["search_error"] is None
+    assert rec["results"] == [{"rank": 1, "row": [1]}]
+    missing = rewrite.parse_input(spec, {"question": "ids?", "db_id": "nope"})
+    rec = asyncio.run(rewrite.finish(spec, missing, completion, searcher, top_k=5))
+    assert rec["results"] == [] and "not found" in rec["search_error"]

@@ -80,9 +80,9 @@ def parse_input(spec: TaskSpec, raw: Any) -> Any:
             raw = {"question": raw}
         if not isinstance(raw, Mapping) or not isinstance(raw.get("question"), str):
             raise InputError("SQL input must be an object with a string 'question' (+ 'schema')")
-        extra = set(raw) - {"question", "schema", "evidence"}
+        extra = set(raw) - {"question", "schema", "evidence", "db_id"}
         if extra or any(not isinstance(v, str) for v in raw.values()):
-            raise InputError("SQL input: only string fields question, schema, evidence")
+            raise InputError("SQL input: only string fields question, schema, evidence, db_id")
         return {"schema": "", **raw}
     if not isinstance(raw, str):
         raise InputError(f"task {spec.name} takes a text input (a JSON string)")
@@ -133,15 +133,20 @@ class Searcher:
         self.titles = _titles(corpus) if titles and corpus and corpus.is_file() else {}
         self._opened = False
 
-    async def search(self, query: str, top_k: int) -> tuple[list[dict], str | None]:
-        """(results, error): ranked `{"rank", "id", "title"}` rows; error text on failure."""
+    async def search(self, query: str, top_k: int, **opts) -> tuple[list[dict], str | None]:
+        """(results, error): ranked `{"rank", "id", "title"}` rows; error text on failure.
+        `opts` go to the backend (e.g. `db_id` for SQL, `maxdate` for PubMed)."""
         if not self._opened:
             await self.backend.open()
             self._opened = True
-        opts = {**self.spec.search_opts(), "top_k": top_k}
+        if self.spec.family != "sql":  # SQL returns every row; others page to top_k
+            opts = {"top_k": top_k, **opts}
+        opts = {**self.spec.search_opts(), **opts}
         try:
             found = await self.backend.search(query, **opts)
         except (QueryRejected, BackendError) as e:
+            return [], f"{type(e).__name__}: {e}"
+        except Exception as e:  # a missing database or index file: reported, not raised
             return [], f"{type(e).__name__}: {e}"
         if self.spec.family == "sql":  # result rows, not ids
             return [{"rank": r + 1, "row": list(row)} for r, row in enumerate(found[:top_k])], None
@@ -192,7 +197,8 @@ async def finish(
         "search_error": None,
     }
     if searcher is not None and query is not None:
-        out["results"], out["search_error"] = await searcher.search(query, top_k)
+        opts = {"db_id": inp["db_id"]} if isinstance(inp, dict) and "db_id" in inp else {}
+        out["results"], out["search_error"] = await searcher.search(query, top_k, **opts)
     return out
 
 
