@@ -306,3 +306,42 @@ def test_rows_with_different_limits_share_a_call(policy):
         assert short[0].finish_reason == "length"
     with pytest.raises(ValueError, match="longer than 256"):
         policy.generate([[1] * 257], greedy, [2])
+
+
+def test_the_loop_keeps_queueing_while_the_device_is_busy_and_failures_reach_every_caller():
+    """A stand-in `generate` that blocks until released shows the scheduler's threading: while
+    one batch runs, new requests queue on the event loop and then leave together."""
+    import threading
+
+    from deepretrieval_jax.serving.policy import Completion, GenSettings
+    from deepretrieval_jax.serving.scheduler import BatchScheduler
+
+    release = threading.Event()
+
+    def generate(rows, settings, limits):
+        assert release.wait(30), "the test never released the device"
+        if settings.temperature == 1.0:
+            raise RuntimeError("device failure")
+        return [Completion(f"row {r[0]}", "stop", len(r), 1) for r in rows]
+
+    async def go():
+        sched = BatchScheduler(generate, SchedulerConfig(max_batch=2, max_wait_ms=0))
+        await sched.start()
+        first = asyncio.create_task(sched.submit([1], GenSettings(), 1))
+        await sched.wait_for(lambda s: s["running"] == 1)
+        more = [asyncio.create_task(sched.submit([k], GenSettings(), 1)) for k in (2, 3)]
+        await sched.wait_for(lambda s: s["queued"] == 2)  # queued while the device is busy
+        release.set()
+        texts = [c.text for c in await asyncio.gather(first, *more)]
+        failed = await asyncio.gather(
+            *(sched.submit([k], GenSettings(temperature=1.0), 1) for k in (4, 5)),
+            return_exceptions=True,
+        )
+        stats = sched.stats()
+        await sched.close()
+        return texts, failed, stats
+
+    texts, failed, stats = asyncio.run(go())
+    assert texts == ["row 1", "row 2", "row 3"]
+    assert [str(e) for e in failed] == ["device failure"] * 2
+    assert stats["batch_sizes"] == {"1": 1, "2": 2} and stats["failed"] == 2
