@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from deepretrieval_jax import sharding
 from deepretrieval_jax.models import CausalLM, ModelConfig, ValueModel
@@ -20,6 +21,7 @@ from deepretrieval_jax.rl.state import (
     create_train_state,
     init_train_state,
     make_lr_schedule,
+    policy_model,
 )
 from deepretrieval_jax.rl.update import (
     RolloutBatch,
@@ -72,12 +74,14 @@ def _mesh(shape):
 @functools.cache
 def _steps(cfg, shape):
     mesh = _mesh(shape)
-    return mesh, make_jitted(cfg, CausalLM(MODEL), ValueModel(MODEL), mesh, compiler_options=OPTS)
+    actor = policy_model(cfg, MODEL)  # CausalLM, or PolicyValueModel for a shared critic
+    return mesh, make_jitted(cfg, actor, ValueModel(MODEL), mesh, compiler_options=OPTS)
 
 
-def _init(cfg, shape, seed=0):
+def _init(cfg, shape, seed=0, **params):
     mesh, _ = _steps(cfg, shape)
-    return init_train_state(cfg, CausalLM(MODEL), ValueModel(MODEL), jax.random.PRNGKey(seed), mesh)
+    actor = policy_model(cfg, MODEL)
+    return init_train_state(cfg, actor, ValueModel(MODEL), jax.random.PRNGKey(seed), mesh, **params)
 
 
 def _copy(tree):
@@ -348,7 +352,14 @@ def _learn(cfg, seed, n_steps, group):
     return np.array(rewards)
 
 
-@pytest.mark.parametrize("cfg,group", [(PPO, 1), (GRPO, GROUP)], ids=["ppo_gae", "grpo"])
+SHARED = PPO.replace(critic="shared")
+
+
+@pytest.mark.parametrize(
+    "cfg,group",
+    [(PPO, 1), (SHARED, 1), (GRPO, GROUP)],
+    ids=["ppo_gae", "ppo_gae_shared_critic", "grpo"],
+)
 def test_learns_toy_rule_reward(cfg, group):
     """Reward = share of response tokens equal to 7 (chance 1/16). Over several seeds, the mean
     reward of the last 3 steps beats the first 3 by a wide margin on every seed (measured: first
@@ -452,3 +463,21 @@ def test_lr_schedules():
     np.testing.assert_allclose([warm(i) for i in (0, 2, 4, 9)], [0, 0.5, 1, 1], atol=1e-6)
     cos = make_lr_schedule(1.0, "cosine", warmup_steps=2, total_steps=12, min_lr_ratio=0.1)
     np.testing.assert_allclose([cos(2), cos(7), cos(12)], [1, 0.55, 0.1], atol=1e-6)
+
+
+def test_shared_critic_state_from_lm_weights():
+    """critic="shared": no critic params; given LM weights keep their values and get a value
+    head; the sampler's CausalLM forward accepts the extended tree."""
+    dummy = jnp.zeros((1, 1), jnp.int32)
+    init = jax.jit(lambda k: nn.meta.unbox(CausalLM(MODEL).init(k, dummy, dummy, dummy)["params"]))
+    lm = init(jax.random.PRNGKey(5))
+    state = _init(SHARED, (1, 1, 1), actor_params=lm)
+    assert state.critic_params is None and state.critic_opt_state is None
+    assert set(state.actor_params) == set(lm) | {"value_head"}
+    kept = {k: state.actor_params[k] for k in lm}
+    for a, b in zip(jax.tree.leaves(lm), jax.tree.leaves(kept), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    tokens = jnp.zeros((2, 3), jnp.int32)
+    assert jax.jit(POLICY_FN)(state.actor_params, tokens, tokens, tokens + 1).shape == (2, 3, 16)
+    with pytest.raises(ValueError, match="PolicyValueModel"):
+        make_jitted(SHARED, CausalLM(MODEL), None, _mesh((1, 1, 1)))

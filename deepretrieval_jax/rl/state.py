@@ -7,9 +7,11 @@ wd 0.01), constant LR 1e-6 (actor) / 1e-5 (critic), one PPO epoch over mini-batc
 
 `TrainState` is a plain pytree of arrays (`flax.struct.dataclass`); optimiser transforms and
 models are rebuilt from the config and closed over by the jitted steps, never stored.
-The critic is a separate `ValueModel` (as in DeepRetrieval); a value head on the actor's trunk is
-not implemented. Without a critic (GRPO, RLOO) `critic_params`/`critic_opt_state` are None; without
-any KL term `ref_params` is None.
+The critic is a separate `ValueModel` by default (as in DeepRetrieval). With `critic="shared"` the
+actor is a `PolicyValueModel` (the LM plus a value head on its trunk, `policy_model(cfg, model)`),
+trained on actor loss + value_loss_coef * value loss with the actor's optimiser. Without a separate
+critic (shared, GRPO, RLOO) `critic_params`/`critic_opt_state` are None; without any KL term
+`ref_params` is None.
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ import optax
 from flax import linen as nn
 
 from deepretrieval_jax import sharding
+from deepretrieval_jax.models import CausalLM
+from deepretrieval_jax.models.transformer import ValueHead
 from deepretrieval_jax.rl import algo
 
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo")
+CRITICS = ("separate", "shared")
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -42,6 +47,8 @@ class PPOConfig:
     whiten_advantages: bool = True  # GAE: whiten over the valid response tokens of the batch
     grpo_normalize_std: bool = True  # GRPO: divide by the group std (False = Dr. GRPO)
     grpo_eps: float = 1e-6  # GRPO: added to the group std
+    critic: str = "separate"  # GAE: "separate" ValueModel | "shared" value head on actor trunk
+    value_loss_coef: float = 0.5  # shared critic: loss = actor loss + coef * value loss
     # KL to the frozen reference policy.
     kl_in_reward: bool = True  # subtract kl_coef * KL per token from the reward
     kl_estimator: str = "k1"  # in-reward estimator: k1 | abs | k2/mse | k3/low_var_kl
@@ -88,6 +95,10 @@ class PPOConfig:
                 bad(f, f"one of {algo.KL_ESTIMATORS}")
         if self.loss_agg not in algo.LOSS_AGGREGATIONS:
             bad("loss_agg", f"one of {algo.LOSS_AGGREGATIONS}")
+        if self.critic not in CRITICS:
+            bad("critic", f"one of {CRITICS}")
+        if self.value_loss_coef < 0:
+            bad("value_loss_coef", ">= 0")
         if self.lr_schedule not in LR_SCHEDULES:
             bad("lr_schedule", f"one of {LR_SCHEDULES}")
         for f in ("gamma", "lam"):
@@ -123,8 +134,18 @@ class PPOConfig:
 
     @property
     def use_critic(self) -> bool:
-        """GAE needs a value model; GRPO and RLOO do not."""
+        """GAE needs values (separate or shared critic); GRPO and RLOO do not."""
         return self.advantage_estimator == "gae"
+
+    @property
+    def separate_critic(self) -> bool:
+        """A separate ValueModel with its own params and optimiser lives in the state."""
+        return self.use_critic and self.critic == "separate"
+
+    @property
+    def shared_critic(self) -> bool:
+        """The value head sits on the actor's trunk (actor is a PolicyValueModel)."""
+        return self.use_critic and self.critic == "shared"
 
     @property
     def use_ref(self) -> bool:
@@ -157,7 +178,7 @@ class TrainState:
     step:              int32 []  PPO steps taken (skipped ones included)
     actor_params:      policy params (unboxed Linen tree)
     actor_opt_state:   optax state of `actor_optimizer(cfg)`
-    critic_params:     ValueModel params, or None (GRPO / RLOO)
+    critic_params:     ValueModel params, or None (shared critic, GRPO, RLOO)
     critic_opt_state:  optax state of `critic_optimizer(cfg)`, or None
     ref_params:        frozen reference policy params, or None (no KL term)
     kl_coef:           float32 []  current in-reward KL coefficient
@@ -252,12 +273,57 @@ def current_lr(cfg: PPOConfig, opt_state, peak_lr: float) -> jax.Array:
     return jnp.asarray(lr_fn(updates_applied(opt_state)), jnp.float32)
 
 
+# ------------------------------------------------------------------- models of the PPO step
+class PolicyValueModel(CausalLM):
+    """The causal LM plus a scalar value head on its final hidden states (shared critic).
+
+    Called like `CausalLM` (-> logits, cache), so samplers and reference log-probs use it as is;
+    its params are a `CausalLM` tree plus `value_head/{kernel, bias}`.
+    """
+
+    def setup(self):
+        super().setup()
+        self.value_head = ValueHead(self.config)
+
+    def __call__(self, tokens_BxT, positions_BxT, mask_BxT, cache=None):
+        logits_BxTxV, _, cache = self.logits_and_values(tokens_BxT, positions_BxT, mask_BxT, cache)
+        return logits_BxTxV, cache
+
+    def logits_and_values(self, tokens_BxT, positions_BxT, mask_BxT, cache=None):
+        """One trunk pass -> (logits_BxTxV float32, values_BxT float32, cache)."""
+        hidden_BxTxD, cache = self.transformer(tokens_BxT, positions_BxT, mask_BxT, cache)
+        if self.config.tie_embeddings:
+            logits_BxTxV = self.transformer.embedder.attend(hidden_BxTxD)
+        else:
+            logits_BxTxV = self.lm_head(hidden_BxTxD)
+        logits_BxTxV = nn.with_logical_constraint(
+            logits_BxTxV, ("act_batch", "act_len", "act_vocab")
+        )
+        return logits_BxTxV, self.value_head(hidden_BxTxD), cache
+
+
+def policy_model(cfg: PPOConfig, model_config) -> nn.Module:
+    """The actor module for `cfg`: PolicyValueModel with a shared critic, else CausalLM."""
+    return PolicyValueModel(model_config) if cfg.shared_critic else CausalLM(model_config)
+
+
+def check_models(cfg: PPOConfig, actor_model, critic_model) -> None:
+    """Raise a clear error when the models do not fit the critic mode."""
+    if cfg.separate_critic and critic_model is None:
+        raise ValueError("PPOConfig(advantage_estimator='gae', critic='separate') needs a critic")
+    if cfg.shared_critic and not hasattr(actor_model, "logits_and_values"):
+        raise ValueError(
+            "PPOConfig(critic='shared') needs a PolicyValueModel actor (see policy_model), got "
+            f"{type(actor_model).__name__}"
+        )
+
+
 # --------------------------------------------------------------------------- train state
 def create_train_state(cfg: PPOConfig, actor_params, critic_params, ref_params, rng) -> TrainState:
     """Assemble a fresh state from params (pure; boxed params give boxed optimiser states)."""
-    if cfg.use_critic and critic_params is None:
+    if cfg.separate_critic and critic_params is None:
         raise ValueError(f"advantage_estimator={cfg.advantage_estimator!r} needs critic params")
-    if not cfg.use_critic:
+    if not cfg.separate_critic:
         critic_params = None
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -277,7 +343,7 @@ def create_train_state(cfg: PPOConfig, actor_params, critic_params, ref_params, 
 
 def _abstract_boxed_state(cfg, actor_model, critic_model):
     actor = sharding.abstract_params(actor_model)
-    critic = sharding.abstract_params(critic_model) if cfg.use_critic else None
+    critic = sharding.abstract_params(critic_model) if cfg.separate_critic else None
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
     return jax.eval_shape(lambda a, c, r: create_train_state(cfg, a, c, a, r), actor, critic, rng)
 
@@ -288,8 +354,7 @@ def train_state_shardings(
     """A TrainState of NamedShardings: params and optimiser moments per the logical `rules`
     (default TRAIN_RULES), scalars replicated."""
     rules = sharding.TRAIN_RULES if rules is None else rules
-    if cfg.use_critic and critic_model is None:
-        raise ValueError(f"advantage_estimator={cfg.advantage_estimator!r} needs a critic model")
+    check_models(cfg, actor_model, critic_model)
     return sharding.shardings_for(
         _abstract_boxed_state(cfg, actor_model, critic_model), mesh, rules
     )
@@ -303,9 +368,11 @@ def _jitted_init(cfg, actor_model, critic_model, mesh, rules):
 
     def init(rng, actor_params, critic_params, ref_params):
         k_actor, k_critic, k_state = jax.random.split(rng, 3)
-        if actor_params is None:
-            actor_params = nn.meta.unbox(actor_model.init(k_actor, dummy, dummy, dummy)["params"])
-        if critic_params is None and cfg.use_critic:
+        if actor_params is None or (cfg.shared_critic and "value_head" not in actor_params):
+            fresh = nn.meta.unbox(actor_model.init(k_actor, dummy, dummy, dummy)["params"])
+            # Given LM weights (e.g. HF import) get a fresh value head; XLA drops the rest.
+            actor_params = fresh if actor_params is None else {**fresh, **actor_params}
+        if critic_params is None and cfg.separate_critic:
             critic_params = nn.meta.unbox(
                 critic_model.init(k_critic, dummy, dummy, dummy)["params"]
             )
@@ -336,9 +403,9 @@ def init_train_state(
     anywhere; they are resharded. Models are called as `model(tokens, positions, mask)`.
     """
     rules = sharding.TRAIN_RULES if rules is None else rules
-    if cfg.use_critic and critic_model is None:
-        raise ValueError(f"advantage_estimator={cfg.advantage_estimator!r} needs a critic model")
-    init = _jitted_init(cfg, actor_model, critic_model if cfg.use_critic else None, mesh, rules)
+    check_models(cfg, actor_model, critic_model)
+    critic_model = critic_model if cfg.separate_critic else None
+    init = _jitted_init(cfg, actor_model, critic_model, mesh, rules)
     if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
         rng = jax.random.key_data(rng)
     with sharding.mesh_rules(mesh, rules):

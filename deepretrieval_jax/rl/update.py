@@ -41,6 +41,7 @@ from deepretrieval_jax.rl.state import (
     PPOConfig,
     TrainState,
     actor_optimizer,
+    check_models,
     critic_optimizer,
     current_lr,
     train_state_shardings,
@@ -68,7 +69,11 @@ class RolloutBatch:
 
 
 def model_fns(actor_model, critic_model=None) -> tuple[PolicyFn, ValueFn | None]:
-    """Adapt Linen `CausalLM` / `ValueModel` to the (params, tokens, positions, mask) callbacks."""
+    """Adapt Linen `CausalLM` / `ValueModel` to the (params, tokens, positions, mask) callbacks.
+
+    With a `PolicyValueModel` actor and no critic model, `value_fn` reads the actor's value head
+    (it takes the actor's params).
+    """
 
     def policy_fn(params, tokens_BxT, positions_BxT, mask_BxT):
         return actor_model.apply({"params": params}, tokens_BxT, positions_BxT, mask_BxT)[0]
@@ -76,7 +81,21 @@ def model_fns(actor_model, critic_model=None) -> tuple[PolicyFn, ValueFn | None]
     def value_fn(params, tokens_BxT, positions_BxT, mask_BxT):
         return critic_model.apply({"params": params}, tokens_BxT, positions_BxT, mask_BxT)[0]
 
+    if critic_model is None and hasattr(actor_model, "logits_and_values"):
+        return policy_fn, lambda *args: policy_value_fn(actor_model)(*args)[1]
     return policy_fn, (None if critic_model is None else value_fn)
+
+
+def policy_value_fn(actor_model) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """(params, tokens, positions, mask) -> (logits_BxTxV, values_BxT) of a PolicyValueModel."""
+
+    def fn(params, tokens_BxT, positions_BxT, mask_BxT):
+        logits, values, _ = actor_model.apply(
+            {"params": params}, tokens_BxT, positions_BxT, mask_BxT, method="logits_and_values"
+        )
+        return logits, values
+
+    return fn
 
 
 def _shift_right(x_BxT):
@@ -87,10 +106,12 @@ def _shift_right(x_BxT):
 def logprobs_and_entropy(policy_fn: PolicyFn, params, batch, with_entropy=True):
     """Token-aligned log p(token_t | <t) and the entropy of that distribution, [B, T] float32."""
     logits_BxTxV = policy_fn(params, batch.tokens_BxT, batch.positions_BxT, batch.mask_BxT)
+    return _aligned_logp_entropy(logits_BxTxV, batch.tokens_BxT, with_entropy)
+
+
+def _aligned_logp_entropy(logits_BxTxV, tokens_BxT, with_entropy=True):
     logits_BxTxV = logits_BxTxV[:, :-1]
-    logp_BxT = jnp.pad(
-        algo.logprobs_from_logits(logits_BxTxV, batch.tokens_BxT[:, 1:]), ((0, 0), (1, 0))
-    )
+    logp_BxT = jnp.pad(algo.logprobs_from_logits(logits_BxTxV, tokens_BxT[:, 1:]), ((0, 0), (1, 0)))
     if not with_entropy:
         return logp_BxT, None
     entropy_BxT = jnp.pad(algo.entropy_from_logits(logits_BxTxV), ((0, 0), (1, 0)))
@@ -206,7 +227,12 @@ def _actor_loss(params, mb, cfg: PPOConfig, policy_fn, num_tokens, num_rows):
 
     L = clipped surrogate - entropy_coef * H + kl_loss_coef * KL(actor || ref)  (KL ADDED)
     """
-    logp_BxT, entropy_BxT = logprobs_and_entropy(policy_fn, params, mb)
+    logits_BxTxV = policy_fn(params, mb.tokens_BxT, mb.positions_BxT, mb.mask_BxT)
+    return _actor_terms(logits_BxTxV, mb, cfg, num_tokens, num_rows)
+
+
+def _actor_terms(logits_BxTxV, mb, cfg: PPOConfig, num_tokens, num_rows):
+    logp_BxT, entropy_BxT = _aligned_logp_entropy(logits_BxTxV, mb.tokens_BxT)
     m = mb.loss_mask_BxT
     agg = dict(agg=cfg.loss_agg, num_tokens=num_tokens, num_rows=num_rows)
     pg_loss, metrics = algo.policy_loss(
@@ -231,7 +257,12 @@ def _actor_loss(params, mb, cfg: PPOConfig, policy_fn, num_tokens, num_rows):
 
 def _critic_loss(params, mb, cfg: PPOConfig, value_fn, num_tokens, num_rows):
     """Clipped value loss of one micro-batch (same scaling as `_actor_loss`)."""
-    values_BxT = compute_values(value_fn, params, mb)
+    values_BxT = value_fn(params, mb.tokens_BxT, mb.positions_BxT, mb.mask_BxT)
+    return _critic_terms(values_BxT, mb, cfg, num_tokens, num_rows)
+
+
+def _critic_terms(raw_values_BxT, mb, cfg: PPOConfig, num_tokens, num_rows):
+    values_BxT = _shift_right(raw_values_BxT.astype(jnp.float32))
     m = mb.loss_mask_BxT
     loss, metrics = algo.value_loss(
         values_BxT, mb.old_values_BxT, mb.returns_BxT, m, cfg.value_clip, cfg.loss_agg,
@@ -241,6 +272,14 @@ def _critic_loss(params, mb, cfg: PPOConfig, value_fn, num_tokens, num_rows):
     metrics = {k: v * share for k, v in metrics.items()}
     metrics["value_loss"] = loss
     return loss, metrics
+
+
+def _shared_loss(params, mb, cfg: PPOConfig, policy_value_fn, num_tokens, num_rows):
+    """Shared trunk: actor loss + value_loss_coef * value loss from one forward pass."""
+    logits_BxTxV, values_BxT = policy_value_fn(params, mb.tokens_BxT, mb.positions_BxT, mb.mask_BxT)
+    a_loss, a_metrics = _actor_terms(logits_BxTxV, mb, cfg, num_tokens, num_rows)
+    c_loss, c_metrics = _critic_terms(values_BxT, mb, cfg, num_tokens, num_rows)
+    return a_loss + cfg.value_loss_coef * c_loss, {**a_metrics, **c_metrics}
 
 
 @flax.struct.dataclass
@@ -287,11 +326,15 @@ def ppo_update(
     cfg: PPOConfig,
     policy_fn: PolicyFn,
     value_fn: ValueFn | None = None,
+    policy_value_fn: Callable | None = None,
     mesh=None,
     rules=None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One PPO step: advantages, then `ppo_epochs` x mini-batches of actor (and critic) updates,
     each accumulating gradients over micro-batches inside a `lax.scan`.
+
+    Separate critic: `value_fn` on `state.critic_params`. Shared critic: `policy_value_fn`
+    ((params, ...) -> (logits, values)) on `state.actor_params`, one loss and one optimiser.
 
     Returns the new state and scalar float32 metrics (means over the mini-batch updates).
     """
@@ -299,8 +342,10 @@ def ppo_update(
     M, mu = cfg.mini_batch_size, cfg.micro_batch
     if B % M:
         raise ValueError(f"rollout batch of {B} rows is not a multiple of mini_batch_size={M}")
-    if cfg.use_critic and (value_fn is None or state.critic_params is None):
-        raise ValueError("advantage_estimator='gae' needs a critic (value_fn and critic_params)")
+    if cfg.separate_critic and (value_fn is None or state.critic_params is None):
+        raise ValueError("a separate critic needs value_fn and state.critic_params")
+    if cfg.shared_critic and policy_value_fn is None:
+        raise ValueError("critic='shared' needs policy_value_fn (see update.policy_value_fn)")
     n_mb, n_micro = B // M, M // mu
     rules = sharding.TRAIN_RULES if rules is None else rules
 
@@ -336,8 +381,11 @@ def ppo_update(
     order_NxM = order_ExB.reshape(cfg.ppo_epochs * n_mb, M)
 
     actor_tx = actor_optimizer(cfg)
-    critic_tx = critic_optimizer(cfg) if cfg.use_critic else None
-    actor_loss = functools.partial(_actor_loss, cfg=cfg, policy_fn=policy_fn)
+    critic_tx = critic_optimizer(cfg) if cfg.separate_critic else None
+    if cfg.shared_critic:
+        actor_loss = functools.partial(_shared_loss, cfg=cfg, policy_value_fn=policy_value_fn)
+    else:
+        actor_loss = functools.partial(_actor_loss, cfg=cfg, policy_fn=policy_fn)
     critic_loss = functools.partial(_critic_loss, cfg=cfg, value_fn=value_fn)
 
     def minibatch_step(carry, idx_M):
@@ -356,7 +404,9 @@ def ppo_update(
             a_metrics, grad_norm_actor=a_norm, lr_actor=current_lr(cfg, actor_o, cfg.actor_lr)
         )
         finite = ok & jnp.isfinite(a_norm) & jnp.isfinite(a_metrics["policy_loss"])
-        if cfg.use_critic:
+        if cfg.shared_critic:
+            finite = finite & jnp.isfinite(a_metrics["value_loss"])
+        if cfg.separate_critic:
             c_grads, c_metrics = _accumulate(critic_loss, critic_p, micro, num_tokens, num_rows)
             c_norm = optax.global_norm(c_grads)
             metrics.update(
@@ -372,7 +422,7 @@ def ppo_update(
         actor_p, actor_o = _tree_select(
             apply, (optax.apply_updates(actor_p, updates), new_actor_o), (actor_p, actor_o)
         )
-        if cfg.use_critic:
+        if cfg.separate_critic:
             updates, new_critic_o = critic_tx.update(c_grads, critic_o, critic_p)
             critic_p, critic_o = _tree_select(
                 apply, (optax.apply_updates(critic_p, updates), new_critic_o), (critic_p, critic_o)
@@ -494,13 +544,21 @@ def make_jitted(
     `compiler_options` go to XLA (tests use {"xla_backend_optimization_level": 0} to halve CPU
     compile time)."""
     rules = sharding.TRAIN_RULES if rules is None else rules
-    policy_fn, value_fn = model_fns(actor_model, critic_model if cfg.use_critic else None)
+    check_models(cfg, actor_model, critic_model)
+    policy_fn, value_fn = model_fns(actor_model, critic_model if cfg.separate_critic else None)
+    pv_fn = policy_value_fn(actor_model) if cfg.shared_critic else None
     state_sh = train_state_shardings(cfg, actor_model, critic_model, mesh, rules)
     batch_sh = rollout_batch_shardings(mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     bt = batch_sh.tokens_BxT
     update = functools.partial(
-        ppo_update, cfg=cfg, policy_fn=policy_fn, value_fn=value_fn, mesh=mesh, rules=rules
+        ppo_update,
+        cfg=cfg,
+        policy_fn=policy_fn,
+        value_fn=value_fn,
+        policy_value_fn=pv_fn,
+        mesh=mesh,
+        rules=rules,
     )
 
     def jit(fn, out):
@@ -515,15 +573,32 @@ def make_jitted(
         params = state.ref_params if state.ref_params is not None else state.actor_params
         return compute_logprobs(policy_fn, params, batch)
 
+    def critic_params(state):
+        return state.actor_params if cfg.shared_critic else state.critic_params
+
     def prepare(state, batch):
         """One forward pass per model: old log-probs, reference log-probs, old values."""
+        if cfg.shared_critic:
+            logits, values = pv_fn(
+                state.actor_params, batch.tokens_BxT, batch.positions_BxT, batch.mask_BxT
+            )
+            return _with_ref(
+                state,
+                batch.replace(
+                    old_logp_BxT=_aligned_logp_entropy(logits, batch.tokens_BxT, False)[0],
+                    old_values_BxT=_shift_right(values.astype(jnp.float32)),
+                ),
+            )
         batch = batch.replace(old_logp_BxT=compute_logprobs(policy_fn, state.actor_params, batch))
-        if state.ref_params is not None:
-            batch = batch.replace(ref_logp_BxT=compute_logprobs(policy_fn, state.ref_params, batch))
         if state.critic_params is not None:
             batch = batch.replace(
                 old_values_BxT=compute_values(value_fn, state.critic_params, batch)
             )
+        return _with_ref(state, batch)
+
+    def _with_ref(state, batch):
+        if state.ref_params is not None:
+            batch = batch.replace(ref_logp_BxT=compute_logprobs(policy_fn, state.ref_params, batch))
         return batch
 
     return PPOSteps(
@@ -542,7 +617,7 @@ def make_jitted(
         _logprobs=jit(lambda s, b: compute_logprobs(policy_fn, s.actor_params, b), bt),
         _ref_logprobs=jit(ref_logp, bt),
         _values=(
-            jit(lambda s, b: compute_values(value_fn, s.critic_params, b), bt)
+            jit(lambda s, b: compute_values(value_fn, critic_params(s), b), bt)
             if cfg.use_critic
             else None
         ),
