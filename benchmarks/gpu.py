@@ -22,7 +22,8 @@ Three measurements, each printed as a markdown row (figures only, never pass/fai
    instead of the sampled text; the search load is the real one. Target: <= 15 s per step.
 
     python benchmarks/gpu.py                    # all three (bash benchmarks/run_gpu.sh)
-    python benchmarks/gpu.py --parts=decode --layers=4       # quick check of the plumbing
+    python benchmarks/gpu.py --layers=1 --vocab_size=1024 --batch=4 --prompt_len=16 \
+        --bucket=16 --new_tokens=4 --mini_batch=4 --micro_batch=2 --reps=1   # plumbing (CPU)
 
 Peak numbers default to the H100 SXM (989 TFLOP/s dense bf16, 3.35 TB/s HBM3); pass
 --peak_flops/--peak_bw for other parts (H200: same FLOP/s, 4.8e12 B/s).
@@ -49,6 +50,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--parts", default="decode,update,step")
     p.add_argument("--layers", type=int, default=36)
+    p.add_argument("--vocab_size", type=int, default=0, help="0 = the preset's (151,936)")
     p.add_argument("--batch", type=int, default=64, help="prompts per step")
     p.add_argument("--prompt_len", type=int, default=500)
     p.add_argument("--bucket", type=int, default=512)
@@ -90,9 +92,11 @@ class Setup:
         from deepretrieval_jax.sampler import Sampler, SamplingConfig, causal_lm_fns
 
         self.args = args
+        vocab = {"vocab_size": args.vocab_size} if args.vocab_size else {}
         self.config = models.ModelConfig.qwen2_5_3b(
-            num_layers=args.layers, dtype="bfloat16", param_dtype=args.param_dtype, remat=True
-        )
+            num_layers=args.layers, dtype="bfloat16", param_dtype=args.param_dtype, remat=True,
+            **vocab,
+        )  # fmt: skip
         self.mesh = sharding.make_mesh()
         self.actor = models.CausalLM(self.config)
         self.critic = models.ValueModel(self.config)
