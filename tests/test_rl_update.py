@@ -384,7 +384,9 @@ def _bigram_value(params, tokens_BxT, positions_BxT, mask_BxT):
     return params["v"][tokens_BxT]
 
 
-def _bigram_run(cfg, rows, poison_rows=()):
+def _bigram_run(cfg, rows, poison_rows=(), ref_shift=None):
+    """One jitted ppo_update on a fixed batch. With `ref_shift`, scores are equal (zero GRPO
+    advantages), old_logp is the actual log-prob and ref_logp = old_logp + ref_shift."""
     rng = np.random.default_rng(4)
     tokens = rng.integers(0, POISON, (16, 6)).astype(np.int32)[:rows]
     tokens[list(poison_rows), 3] = POISON
@@ -399,13 +401,22 @@ def _bigram_run(cfg, rows, poison_rows=()):
     )  # fmt: skip
     key = jax.random.PRNGKey(0)
     params = {"w": 0.1 * jax.random.normal(key, (V_FAKE, V_FAKE))}
+    if ref_shift is not None:
+        logp = compute_logprobs(_bigram_policy, params, batch)
+        batch = batch.replace(
+            scores_B=np.ones(rows, np.float32), old_logp_BxT=logp, ref_logp_BxT=logp + ref_shift
+        )
     critic = {"v": jnp.zeros((V_FAKE,))} if cfg.use_critic else None
     state = create_train_state(cfg, params, critic, params, jnp.zeros(2, jnp.uint32))
+    return state, _bigram_step(cfg)(state, batch)
+
+
+@functools.cache
+def _bigram_step(cfg):
     update = functools.partial(
         ppo_update, cfg=cfg, policy_fn=_bigram_policy, value_fn=_bigram_value
     )
-    step = jax.jit(update, compiler_options=OPTS)
-    return state, step(state, batch)
+    return jax.jit(update, compiler_options=OPTS)
 
 
 def test_micro_batch_accumulation_is_exact():
@@ -481,3 +492,22 @@ def test_shared_critic_state_from_lm_weights():
     assert jax.jit(POLICY_FN)(state.actor_params, tokens, tokens, tokens + 1).shape == (2, 3, 16)
     with pytest.raises(ValueError, match="PolicyValueModel"):
         make_jitted(SHARED, CausalLM(MODEL), None, _mesh((1, 1, 1)))
+
+
+def test_kl_loss_is_added_not_subtracted():
+    """Zero advantages, k3 KL loss only: the update pulls log-probs towards the reference's
+    (down when ref < logp, up when ref > logp). A subtracted KL loss would push them away."""
+    cfg = PPOConfig(
+        advantage_estimator="grpo", mini_batch_size=16, actor_lr=1e-2, entropy_coef=0.0,
+        kl_in_reward=False, kl_loss_coef=1.0, kl_loss_estimator="k3",
+    )  # fmt: skip
+    for shift, direction in ((-0.5, -1.0), (0.5, 1.0)):
+        state, (after, metrics) = _bigram_run(cfg, 16, ref_shift=shift)
+        assert float(metrics["kl_loss"]) > 0.01
+        batch = RolloutBatch(*([None] * 10))  # only tokens/positions/mask are read
+        rng = np.random.default_rng(4)
+        tokens = rng.integers(0, POISON, (16, 6)).astype(np.int32)
+        batch = batch.replace(tokens_BxT=tokens, positions_BxT=tokens * 0, mask_BxT=tokens * 0 + 1)
+        before = compute_logprobs(_bigram_policy, state.actor_params, batch)[:, 2:]
+        moved = compute_logprobs(_bigram_policy, after.actor_params, batch)[:, 2:]
+        assert direction * float(jnp.mean(moved - before)) > 1e-3, shift
