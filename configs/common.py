@@ -160,7 +160,7 @@ def train_config() -> ml_collections.ConfigDict:
         dict(
             num_steps=1250,  # PPO steps (each: sample -> reward -> advantages -> update)
             prompts_per_step=64,  # global prompts per step; divisible by the process count
-            val_every=50,  # greedy validation every N steps (0 = never; also runs at the end)
+            val_every=50,  # greedy validation every N steps and at the end (0 = never)
             checkpoint_every=50,  # orbax checkpoint every N steps (also at the end and SIGTERM)
             max_to_keep=3,  # checkpoints kept
             async_checkpoint=True,  # write checkpoints in the background

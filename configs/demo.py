@@ -7,9 +7,14 @@ Launch (2 CPU cores; SciFact in BEIR layout under $DEEPRETRIEVAL_DATA_DIR/scifac
         --config.model.init_checkpoint=/tmp/demo_sft/checkpoints
 Expected: under ~15 minutes in all on 2 CPU cores. The policy is randomly initialised (no
 pretrained weights on CPU), so SFT teaches it the answer format from the claims themselves
-(completion = `<answer>{"query": "<claim>"}</answer>`), and PPO then moves the train reward
-(0.1 + NDCG@50 from local BM25, k1=1.2 b=0.75) above the SFT starting point; validation is
-greedy on SciFact's test claims. Curves: WORKDIR/reward_curve.png.
+(completion = `<answer>{"query": "<claim>"}</answer>`), and PPO rewards it with 0.1 + NDCG@50
+from local BM25 (k1=1.2 b=0.75; -2 for a broken format); validation is greedy on SciFact's
+test claims. Curves: WORKDIR/reward_curve.png.
+Measured with these values (2 shared cores, load ~10): SFT 150 steps 4.2 min (loss 11.9 ->
+3.4), PPO 40 steps 4.7 min (~4.5 s/step); train reward -0.88 -> -0.25..-0.6 as the format-ok
+rate rose 0.56 -> 0.75-0.88, but NDCG stayed ~0: the 2-layer model does not yet copy the claim
+(greedy validation repeats "the"). Needs tuning (more SFT, a wider model) before it shows
+retrieval gains.
 """
 
 import ml_collections

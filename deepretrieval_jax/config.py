@@ -73,7 +73,7 @@ class TrainConfig:
     """The PPO loop's schedule (config.train)."""
 
     num_steps: int = 1250  # PPO steps
-    val_every: int = 50  # validation period in steps (0 = only at the end)
+    val_every: int = 50  # validation period in steps, also at the end (0 = never)
     checkpoint_every: int = 50  # checkpoint period in steps (0 = only at the end / SIGTERM)
     max_to_keep: int = 3  # checkpoints kept
     async_checkpoint: bool = True  # background checkpoint writes

@@ -36,7 +36,7 @@ def _train(workdir, num_steps=NUM_STEPS, **overrides):
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("full")
-    return workdir, _train(workdir)
+    return workdir, _train(workdir, train__val_every=NUM_STEPS)  # validates at the end
 
 
 def test_run_writes_metrics_tensorboard_and_checkpoints(full_run):

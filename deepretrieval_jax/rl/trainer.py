@@ -147,6 +147,7 @@ class _Run:
             self.workdir / setup.CHECKPOINT_DIR, self.tc.max_to_keep, self.tc.async_checkpoint
         )
         self.state, self.start_step = self._init_or_restore()
+        self._update_s: dict[int, float] = {}
 
         sampler_kw = dict(
             token_bytes=None,
@@ -261,6 +262,10 @@ class _Run:
     def step(self, step: int):
         """Runs PPO step `step` (1-based); returns (device metrics, host metrics)."""
         t_step = time.perf_counter()
+        # Sampling needs the previous update's params: wait for them here, so that the wait
+        # is logged as that step's update time rather than inflating this step's generation.
+        jax.block_until_ready(self.state.step)
+        self._update_s[step - 1] = time.perf_counter() - t_step
         idx = next(self.data)
         prompts = [self.train_prompts[i] for i in idx]
         rng = jax.random.fold_in(jax.random.key(self.cfg.seed), step)
@@ -320,6 +325,8 @@ class _Run:
         values["kl/mean"] = dev.get("kl_ref", 0.0)
         values.update(host)
         values["time/update_wait_s"] = t_wait
+        # Device time of the update beyond its dispatch (measured when step + 1 started).
+        values["time/update_s"] = self._update_s.pop(step, t_wait)
         values["time/step_s"] = (time.perf_counter() if t_end is None else t_end) - t_start
         values["throughput/tokens_per_s"] = tokens / max(values["time/step_s"], 1e-9)
         self.writer.write(step, values)
@@ -426,7 +433,7 @@ def train(cfg, workdir, *, train_examples=None, val_examples=None, backend=None)
                 last = run.log(*pending)
             if preempted:
                 run.writer.log(f"SIGTERM: checkpointing step {step} and stopping")
-            else:
+            elif run.tc.val_every:
                 run.validate(step)
             run.ckpt.wait_until_finished()
             if run.ckpt.latest_step() != step:
