@@ -156,3 +156,25 @@ def test_sql_rewrites_run_on_the_named_database(tmp_path):
     missing = rewrite.parse_input(spec, {"question": "ids?", "db_id": "nope"})
     rec = asyncio.run(rewrite.finish(spec, missing, completion, searcher, top_k=5))
     assert rec["results"] == [] and "not found" in rec["search_error"]
+
+
+def test_a_compact_vocabulary_export_is_served_through_its_vocab_map(tmp_path):
+    """The CPU demo's HF export: a small model vocabulary + vocab_map.json (Qwen2.5 ids)."""
+    from tiny_models import random_params
+
+    from deepretrieval_jax import hf_io
+    from deepretrieval_jax.models import CausalLM, ModelConfig
+    from deepretrieval_jax.tokenizer import Tokenizer
+
+    qwen = Tokenizer.qwen25()
+    text = 'Vitamin D lowers fracture risk. <answer>{"query": "x"}</answer>'
+    ids = sorted({qwen.pad_id, *qwen.eos_ids, *qwen.encode(text)})
+    config = ModelConfig.tiny(vocab_size=128)
+    hf_io.save_params(random_params(CausalLM(config), config, scale=0.5), config, tmp_path)
+    (tmp_path / "vocab_map.json").write_text(json.dumps({"tokenizer": "qwen2.5", "ids": ids}))
+    policy = policy_lib.load_policy(tmp_path, max_new_tokens=6, prompt_buckets=(64,))
+    assert policy.num_ids == len(ids) and max(policy.encode(text)) < len(ids)
+    assert policy.decode(policy.encode(text)) == text
+    assert set(policy.eos_ids) == {ids.index(i) for i in qwen.eos_ids}
+    out = policy.generate([policy.encode(text)], policy_lib.GenSettings(stop=("x",)), [6])[0]
+    assert out.text and 1 <= out.completion_tokens <= 6

@@ -14,7 +14,9 @@ call. Invariants:
 - Rows with different limits share a call: the call runs to the largest limit and each row is
   cut to its own (its finish reason becomes "length"); sampling is causal, so a row's first k
   tokens do not depend on how long the call runs.
-- Ids past the tokenizer's vocabulary (padding rows of the embedding) are never sampled.
+- Ids past the tokenizer's vocabulary (padding rows of the embedding) are never sampled. A
+  compact-vocabulary policy (`vocab_map.json` next to the weights, from the CPU demo) maps
+  tokenizer ids to model ids on the way in and back on the way out.
 - Stop strings end rows on device when the tokenizer is byte-level BPE (`sampling.TokenBytes`);
   otherwise rows run on and the text is cut on the host. `Completion.text` keeps the stop
   string; callers with OpenAI semantics cut it (`cut_at_stop`).
@@ -106,6 +108,7 @@ class Policy:
         params,
         tokenizer: Tokenizer,
         *,
+        vocab_ids: Sequence[int] | None = None,
         name: str = "policy",
         max_new_tokens: int = 512,
         max_batch: int = 8,
@@ -114,25 +117,34 @@ class Policy:
         seed: int = 0,
         max_samplers: int = 8,
     ):
-        if tokenizer.vocab_size > model_config.vocab_size:
+        # A compact vocabulary (the CPU demo): model id i is tokenizer id vocab_ids[i].
+        self.vocab_ids = None if vocab_ids is None else np.asarray(vocab_ids, np.int64)
+        self.num_ids = tokenizer.vocab_size if vocab_ids is None else len(self.vocab_ids)
+        if self.num_ids > model_config.vocab_size:
             raise ValueError(
-                f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary only "
+                f"the tokenizer has {self.num_ids} ids but the model's vocabulary only "
                 f"{model_config.vocab_size}; pass the tokenizer the policy was trained with"
             )
+        if self.vocab_ids is not None:
+            self._to_model = {int(t): i for i, t in enumerate(self.vocab_ids)}
         self.model_config, self.params, self.tokenizer, self.name = (
             model_config, params, tokenizer, name,
         )  # fmt: skip
         self.max_new_tokens, self.max_batch, self.min_batch = max_new_tokens, max_batch, min_batch
         self.prompt_buckets = tuple(sorted(prompt_buckets))
-        self.eos_ids = tuple(int(i) for i in tokenizer.eos_ids)
-        self.pad_id = int(tokenizer.pad_id)
-        self._fns = _vocab_masked(sampler_lib.causal_lm_fns(model_config), tokenizer.vocab_size)
+        self.pad_id = self._model_ids([tokenizer.pad_id])[0]
+        self.eos_ids = tuple(self._model_ids(tokenizer.eos_ids))
+        self._fns = _vocab_masked(sampler_lib.causal_lm_fns(model_config), self.num_ids)
         try:
-            self._token_bytes = sampling.token_bytes_from_tokenizer(
-                tokenizer, model_config.vocab_size
-            )
+            table = sampling.token_bytes_from_tokenizer(tokenizer, model_config.vocab_size)
         except ValueError:  # not byte-level BPE: stop strings are cut on the host only
-            self._token_bytes = None
+            table = None
+        if table is not None and self.vocab_ids is not None:
+            rows = np.zeros(model_config.vocab_size, np.int64)  # padding rows: id 0, no bytes
+            rows[: self.num_ids] = self.vocab_ids
+            lengths = np.where(np.arange(len(rows)) < self.num_ids, table.lengths_V[rows], 0)
+            table = sampling.TokenBytes(table.bytes_VxM[rows], lengths.astype(np.int32))
+        self._token_bytes = table
         self._samplers: collections.OrderedDict = collections.OrderedDict()
         self._max_samplers = max_samplers
         self._key = jax.random.key(seed)
@@ -148,8 +160,22 @@ class Policy:
     def max_prompt_tokens(self) -> int:
         return self.prompt_buckets[-1]
 
+    def _model_ids(self, ids) -> list[int]:
+        ids = [int(i) for i in ids]
+        if self.vocab_ids is None:
+            return ids
+        unk = self._to_model.get(int(self.tokenizer.pad_id), 0)
+        return [self._to_model.get(i, unk) for i in ids]
+
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
+        """Model ids of `text` (ids outside a compact vocabulary map to the pad id's slot)."""
+        return self._model_ids(self.tokenizer.encode(text))
+
+    def decode(self, ids) -> str:
+        ids = np.asarray(ids, np.int64)
+        if self.vocab_ids is not None:
+            ids = self.vocab_ids[np.clip(ids, 0, self.num_ids - 1)]
+        return self.tokenizer.decode(ids)
 
     def render_chat(self, messages: Sequence[dict], assistant_prefix: str = "") -> str:
         return self.tokenizer.render_chat(messages, assistant_prefix=assistant_prefix)
@@ -220,7 +246,7 @@ class Policy:
             count = length
             if finished and length and int(ids[-1]) in self.eos_ids:
                 ids = ids[:-1]
-            text = self.tokenizer.decode(ids)
+            text = self.decode(ids)
             if settings.stop and not finished:
                 text, finished = cut_at_stop(text, settings.stop, keep=True)
             results.append(Completion(text, "stop" if finished else "length", len(rows[b]), count))
@@ -299,6 +325,11 @@ def load_policy(
             hf = json.loads(Path(config_json).read_text())
             config = ModelConfig.from_hf_config(hf, **overrides)
         params = _restore_orbax(path, config, step, params_key)
+    vocab_ids = None
+    if (path / "vocab_map.json").is_file():  # the CPU demo's compact-vocabulary export
+        vocab_map = json.loads((path / "vocab_map.json").read_text())
+        vocab_ids = vocab_map["ids"]
+        tokenizer = tokenizer or vocab_map.get("tokenizer") or None
     if tokenizer == "qwen2.5":
         tok = Tokenizer.qwen25()
     elif tokenizer:
@@ -308,4 +339,4 @@ def load_policy(
     else:
         tok = Tokenizer.qwen25()
     policy_kwargs.setdefault("name", path.name)
-    return Policy(config, params, tok, **policy_kwargs)
+    return Policy(config, params, tok, vocab_ids=vocab_ids, **policy_kwargs)

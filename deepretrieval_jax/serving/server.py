@@ -126,7 +126,7 @@ class Service:
     async def completions(self, request: web.Request) -> web.Response:
         body = await oa.json_body(request)
         oa.check_openai(body, oa.COMPLETION_FIELDS, self.policy.name)
-        prompt = oa.prompt_field(body, self.policy.tokenizer.vocab_size)
+        prompt = oa.prompt_field(body, self.policy.num_ids)
         settings, max_tokens = oa.sampling(
             body, self.policy.max_new_tokens, self.config.default_completion_tokens
         )
