@@ -11,7 +11,7 @@ import pytest
 import trainer_fixtures as fx
 
 from deepretrieval_jax import checkpoint, metrics
-from deepretrieval_jax.rl import rollout, trainer
+from deepretrieval_jax.rl import rollout, sft, trainer
 
 NUM_STEPS = 2
 
@@ -122,3 +122,23 @@ def test_examples_left_out_of_validation_are_not_scored(tmp_path):
     merged = rollout.merge_summaries(parts)
     assert merged["val/reward/mean"] == 0.0 and merged["val/reward/invalid_fraction"] == 0.0
     assert json.loads(json.dumps(merged)) == merged
+
+
+def test_sft_checkpoint_starts_ppo_from_the_data_dir(tmp_path):
+    # The real data path: BEIR files on disk, BM25 built from them, SFT -> PPO init.
+    cfg = fx.tiny_config(num_steps=1)
+    cfg.data.data_dir = str(fx.write_beir(tmp_path / "data"))
+    cfg.sft.num_steps, cfg.sft.batch_size, cfg.sft.max_len = 2, 8, 80
+    sft_params = sft.run_sft(cfg, tmp_path / "sft")
+    records = metrics.read_jsonl(tmp_path / "sft" / metrics.JSONL_NAME)
+    assert [r["step"] for r in records] == [1, 2] and records[-1]["sft/loss"] > 0
+
+    cfg.model.init_checkpoint = str(tmp_path / "sft" / "checkpoints")
+    result = trainer.train(cfg, tmp_path / "ppo")
+    assert result.step == 1
+    ref = jax.device_get(result.state.ref_params)  # reference = the SFT policy, untouched
+    assert fx.params_digest(ref) == fx.params_digest(sft_params)
+    # The critic's trunk started from the SFT policy's trunk (then took one update).
+    assert result.state.critic_params["transformer"]["embedder"]["embedding"].shape == (
+        sft_params["transformer"]["embedder"]["embedding"].shape
+    )

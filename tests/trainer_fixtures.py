@@ -129,3 +129,21 @@ def main(workdir: str, num_steps: int, out: str) -> None:
 if __name__ == "__main__":
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+
+
+def write_beir(root: Path) -> Path:
+    """The tiny corpus and claims in BEIR layout under root/scifact (train = test = all)."""
+    d = root / "scifact"
+    (d / "qrels").mkdir(parents=True, exist_ok=True)
+    with open(d / "corpus.jsonl", "w") as f:
+        for i, t in enumerate(DOCS):
+            f.write(json.dumps({"_id": f"d{i}", "title": "", "text": t}) + "\n")
+    with open(d / "queries.jsonl", "w") as f:
+        for ex in examples():
+            f.write(json.dumps({"_id": ex.id, "text": ex.input}) + "\n")
+    for split in ("train", "test"):
+        rows = [f"q{i}\td{i}\t1" for i in range(len(DOCS))]
+        (d / "qrels" / f"{split}.tsv").write_text(
+            "query-id\tcorpus-id\tscore\n" + "\n".join(rows) + "\n"
+        )
+    return root

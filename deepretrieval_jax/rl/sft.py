@@ -198,12 +198,16 @@ def run_sft(cfg, workdir: str) -> dict:
     params = setup.load_policy_params(cfg, model, mesh, rules, jax.random.key(cfg.seed))
     logging.info("SFT: %d pairs, policy %.2fM params", num_pairs, setup.param_count(params) / 1e6)
     optimizer = make_optimizer(sft)
-    param_sh = sharding.param_shardings(model, mesh, rules)
+    # Shardings of the whole state: moments follow their params (boxed abstract init), the
+    # step count and scalars are replicated.
+    boxed_opt = jax.eval_shape(optimizer.init, sharding.abstract_params(model))
+    opt_sh = sharding.shardings_for(boxed_opt, mesh, rules)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     with sharding.mesh_rules(mesh, rules):
-        opt_state = jax.jit(optimizer.init)(params)
-    state = SFTState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+        opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
+    step0 = jax.device_put(jnp.zeros((), jnp.int32), replicated)
+    state = SFTState(step=step0, params=params, opt_state=opt_state)
     state_sh = jax.tree.map(lambda x: x.sharding, state)
-    del param_sh
     step_fn = jax.jit(
         functools.partial(train_step, model=model, optimizer=optimizer, prompt_len=prompt_len),
         out_shardings=(state_sh, None),

@@ -206,12 +206,13 @@ class _Run:
             self.data.set_state(meta["data"])
             logging.info("Resumed from %s step %d", self.ckpt.directory, latest)
             return state, latest
-        actor_params = setup.load_policy_params(cfg, self.actor, self.mesh, self.rules, k_actor)
-        critic_params = None
-        if self.ppo.use_critic:
-            critic_params = _critic_params(
-                cfg, actor_params, self.critic, self.mesh, self.rules, k_critic
-            )
+        actor_params = critic_params = None  # random init: one jitted init of everything
+        if cfg.model.init_checkpoint or cfg.model.hf_path:
+            actor_params = setup.load_policy_params(cfg, self.actor, self.mesh, self.rules, k_actor)
+            if self.ppo.use_critic:
+                critic_params = _critic_params(
+                    cfg, actor_params, self.critic, self.mesh, self.rules, k_critic
+                )
         state = init_train_state(
             self.ppo, self.actor, self.critic, k_state, self.mesh, self.rules,
             actor_params=actor_params, critic_params=critic_params,
