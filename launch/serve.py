@@ -36,6 +36,7 @@ flags.DEFINE_float("timeout_s", 120.0, "Per-request timeout (504).")
 flags.DEFINE_integer("max_input_tokens", 2048, "Prompt length limit (tokens).")
 flags.DEFINE_integer("max_new_tokens", 512, "Completion length cap (tokens).")
 flags.DEFINE_integer("seed", 0, "Sampling seed of the server's random stream.")
+flags.DEFINE_list("warmup", [], "Prompt lengths to compile before serving (greedy, rewrite).")
 flags.mark_flags_as_required(["policy"])
 
 
@@ -46,7 +47,7 @@ def main(argv):
 
     from deepretrieval_jax import runtime
     from deepretrieval_jax.serving import policy as policy_lib
-    from deepretrieval_jax.serving import server
+    from deepretrieval_jax.serving import rewrite, server
     from deepretrieval_jax.serving.scheduler import SchedulerConfig
 
     runtime.log_devices()
@@ -57,6 +58,9 @@ def main(argv):
         max_batch=F.max_batch, prompt_buckets=(*buckets, F.max_input_tokens), seed=F.seed,
         **({"name": F.name} if F.name else {}),
     )  # fmt: skip
+    greedy = policy_lib.GenSettings()
+    rewrite_settings = policy_lib.GenSettings(stop=rewrite.STOP_AFTER_ANSWER)
+    policy.warmup([greedy, rewrite_settings], [int(n) for n in F.warmup])
     sched = SchedulerConfig(F.max_batch, F.max_wait_ms, F.max_queue, F.timeout_s)
     config = server.ServerConfig(max_input_tokens=F.max_input_tokens, scheduler=sched)
     service = server.build_service(policy, F.tasks, config, F.data_dir, F.search)

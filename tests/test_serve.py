@@ -345,3 +345,12 @@ def test_the_loop_keeps_queueing_while_the_device_is_busy_and_failures_reach_eve
     assert texts == ["row 1", "row 2", "row 3"]
     assert [str(e) for e in failed] == ["device failure"] * 2
     assert stats["batch_sizes"] == {"1": 1, "2": 2} and stats["failed"] == 2
+
+
+def test_warmup_compiles_every_batch_shape_ahead_of_requests(policy):
+    settings = policy_lib.GenSettings(stop=("zz",))
+    assert policy.warmup([settings], [10]) == 1  # min_batch = max_batch = 8: one shape
+    traces = policy._sampler(settings).trace_count
+    assert traces == 1
+    policy.generate([policy.encode("p1")] * 3, settings, [4] * 3)
+    assert policy._sampler(settings).trace_count == traces, "a warmed-up shape recompiled"

@@ -180,6 +180,20 @@ class Policy:
     def render_chat(self, messages: Sequence[dict], assistant_prefix: str = "") -> str:
         return self.tokenizer.render_chat(messages, assistant_prefix=assistant_prefix)
 
+    def warmup(self, settings: Sequence[GenSettings], prompt_lengths: Sequence[int]) -> int:
+        """Compiles every batch bucket for each settings and prompt length (so the first
+        requests do not wait for compilation); returns the number of sampler calls made."""
+        sizes = sorted(
+            {_batch_bucket(n, self.min_batch, self.max_batch) for n in range(1, self.max_batch + 1)}
+        )
+        calls = 0
+        for s in settings:
+            for length in prompt_lengths:
+                for size in sizes:
+                    self.generate([[self.pad_id] * length] * size, s, [1] * size)
+                    calls += 1
+        return calls
+
     def _sampler(self, settings: GenSettings) -> sampler_lib.Sampler:
         greedy = settings.temperature == 0
         stop = settings.stop if self._token_bytes is not None else ()
