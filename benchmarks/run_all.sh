@@ -38,7 +38,7 @@ run() {  # run NAME COMMAND...: one benchmark, its output captured in $OUT/NAME.
 
 if [ "$QUICK" = 1 ]; then
   run sampler python benchmarks/sampler.py --layers=2 --batches=1,8 --new_tokens=64
-  run ppo_step python benchmarks/ppo_step.py --reps=2
+  run ppo_step python benchmarks/ppo_step.py --reps=1
   run reward_pool python benchmarks/reward_pool.py --queries=32
   run bm25_scifact python benchmarks/bm25_scifact.py --data="$DATA" --repeats=1
 else
