@@ -85,3 +85,16 @@ def test_data_dir_env_fallback(tmp_path, monkeypatch):
         config_lib.resolve_data_dir("")
     with pytest.raises(FileNotFoundError, match="config.data.data_dir"):
         config_lib.resolve_data_dir(str(tmp_path / "missing"))
+
+
+def test_launch_train_rejects_an_unknown_override_before_any_work(tmp_path):
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "train.py"), f"--config={ROOT / 'configs/demo.py'}",
+         f"--workdir={tmp_path / 'w'}", "--config.ppo.no_such_field=1"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "no_such_field" in out.stderr
+    assert not (tmp_path / "w").exists()
