@@ -142,3 +142,17 @@ def test_sft_checkpoint_starts_ppo_from_the_data_dir(tmp_path):
     assert result.state.critic_params["transformer"]["embedder"]["embedding"].shape == (
         sft_params["transformer"]["embedder"]["embedding"].shape
     )
+
+
+def test_pubmed_backend_requires_the_configured_api_key(monkeypatch):
+    from configs import pubmed
+    from deepretrieval_jax.rl import setup
+
+    cfg = pubmed.get_config()
+    spec = setup.task_spec(cfg)
+    monkeypatch.delenv("NCBI_API_KEY", raising=False)
+    with pytest.raises(ValueError, match=r"config.reward.api_key_env: \$NCBI_API_KEY is not set"):
+        trainer._make_backend(cfg, spec)
+    monkeypatch.setenv("NCBI_API_KEY", "k")
+    backend = trainer._make_backend(cfg, spec)
+    assert backend.has_api_key and backend.config.rate_per_s == cfg.reward.rate_per_s

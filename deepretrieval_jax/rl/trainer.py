@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import signal
 import time
 from pathlib import Path
@@ -101,6 +102,32 @@ def _critic_params(cfg, actor_params, critic_model, mesh, rules, rng):
     if cfg.model.critic_from_actor and "transformer" in actor_params:
         params = {**params, "transformer": jax.tree.map(jnp.copy, actor_params["transformer"])}
     return params
+
+
+def _make_backend(cfg, spec):
+    """The task's search backend; HTTP engines get config.reward's API key and rate."""
+    r = cfg.reward
+    key = None
+    if r.api_key_env:
+        key = os.environ.get(r.api_key_env)
+        if not key:
+            raise ValueError(
+                f"config.reward.api_key_env: ${r.api_key_env} is not set (set it, or set "
+                "api_key_env='' to search without a key at the engine's lower rate limit)"
+            )
+    if spec.backend == "pubmed":
+        from deepretrieval_jax.search.pubmed import PubMedBackend, PubMedConfig
+
+        return PubMedBackend(PubMedConfig(api_key=key, rate_per_s=r.rate_per_s or None))
+    if spec.backend == "ctgov" and r.rate_per_s:
+        from deepretrieval_jax.search.ctgov import CTGovBackend, CTGovConfig
+
+        return CTGovBackend(CTGovConfig(rate_per_s=r.rate_per_s))
+    from deepretrieval_jax.eval import make_backend
+
+    index_opts = {k: v for k, v in r.search_opts.items() if k in spec.index_opts()}
+    data_dir = resolve_data_dir(cfg.data.data_dir) if spec.corpus else None
+    return make_backend(spec, data_dir, index_opts)
 
 
 class _Run:
@@ -224,10 +251,7 @@ class _Run:
         cfg, spec = self.cfg, self.spec
         task = make_task(spec.reward_task, dict(spec.reward_opts))
         if backend is None:
-            from deepretrieval_jax.eval import make_backend
-
-            index_opts = {k: v for k, v in cfg.reward.search_opts.items() if k in spec.index_opts()}
-            backend = make_backend(spec, resolve_data_dir(cfg.data.data_dir), index_opts)
+            backend = _make_backend(cfg, spec)
         pool_cfg = dict(cfg.reward.pool)
         pool_cfg["retries"] = None if pool_cfg["retries"] < 0 else pool_cfg["retries"]
         if pool_cfg["cache_mode"] != "off" and not pool_cfg["cache_path"]:
