@@ -81,7 +81,10 @@ def _steps(cfg, shape):
 def _init(cfg, shape, seed=0, **params):
     mesh, _ = _steps(cfg, shape)
     actor = policy_model(cfg, MODEL)
-    return init_train_state(cfg, actor, ValueModel(MODEL), jax.random.PRNGKey(seed), mesh, **params)
+    key = jax.random.PRNGKey(seed)
+    return init_train_state(
+        cfg, actor, ValueModel(MODEL), key, mesh, compiler_options=OPTS, **params
+    )
 
 
 def _copy(tree):
@@ -95,7 +98,7 @@ def _prompts(rng):
     return np.where(mask, tokens, 0).astype(np.int32), mask
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, compiler_options=OPTS)
 def _sample(policy_fn, params, prompt_BxP, prompt_mask_BxP, key):
     """Temperature-1 ancestral sampling of R tokens (full forward per token; tiny model)."""
     tokens = jnp.concatenate([prompt_BxP, jnp.zeros((B, R), jnp.int32)], axis=1)

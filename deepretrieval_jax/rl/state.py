@@ -361,7 +361,7 @@ def train_state_shardings(
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted_init(cfg, actor_model, critic_model, mesh, rules):
+def _jitted_init(cfg, actor_model, critic_model, mesh, rules, compiler_options=()):
     """One jitted initialiser per (config, models, mesh, rules): re-initialising is free."""
     shardings = train_state_shardings(cfg, actor_model, critic_model, mesh, rules)
     dummy = jnp.zeros((1, 1), jnp.int32)
@@ -381,7 +381,7 @@ def _jitted_init(cfg, actor_model, critic_model, mesh, rules):
             ref_params = jax.tree.map(jnp.copy, actor_params)
         return create_train_state(cfg, actor_params, critic_params, ref_params, k_state)
 
-    return jax.jit(init, out_shardings=shardings)
+    return jax.jit(init, out_shardings=shardings, compiler_options=dict(compiler_options) or None)
 
 
 def init_train_state(
@@ -395,6 +395,7 @@ def init_train_state(
     actor_params=None,
     critic_params=None,
     ref_params=None,
+    compiler_options=None,
 ) -> TrainState:
     """A TrainState created directly in its shardings (one jitted init, no host copy).
 
@@ -405,7 +406,8 @@ def init_train_state(
     rules = sharding.TRAIN_RULES if rules is None else rules
     check_models(cfg, actor_model, critic_model)
     critic_model = critic_model if cfg.separate_critic else None
-    init = _jitted_init(cfg, actor_model, critic_model, mesh, rules)
+    options = tuple(sorted((compiler_options or {}).items()))
+    init = _jitted_init(cfg, actor_model, critic_model, mesh, rules, options)
     if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
         rng = jax.random.key_data(rng)
     with sharding.mesh_rules(mesh, rules):
