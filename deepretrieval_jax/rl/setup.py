@@ -111,7 +111,8 @@ def load_policy_params(cfg, module: nn.Module, mesh, rules, rng) -> dict:
         from deepretrieval_jax import hf_io  # noqa: PLC0415  (heavy: torch-free safetensors)
 
         logging.info("Policy params from HF checkpoint %s", cfg.model.hf_path)
-        return hf_io.load_params(cfg.model.hf_path, module.config, shardings=shardings)
+        _, params = hf_io.load_params(cfg.model.hf_path, module.config, shardings=shardings)
+        return params
     logging.info("Policy params: random init (seed %d)", cfg.seed)
     return init_params(module, mesh, rules, rng)
 
