@@ -5,9 +5,11 @@
 (`bash launch/demo.sh` sets up the venv and the data directory first.) Everything lands in one
 workdir:
 
-    sft/            cold-start SFT: checkpoints/, metrics.jsonl, tb/, eval/ (greedy SFT policy)
+    sft/            cold-start SFT: checkpoints/, metrics.jsonl, tb/, eval/ (greedy SFT policy),
+                    sampled/eval/ (the SFT policy sampled at the rollout temperature, seed 0)
     ppo/            PPO: checkpoints/, metrics.jsonl, tb/, reward_curve.png,
-                    eval/ (greedy PPO policy and the original-query baseline, JSON/MD/PNG)
+                    eval/ (greedy PPO policy and the original-query baseline, JSON/MD/PNG),
+                    sampled/eval/ (the PPO policy sampled at the rollout temperature, seed 0)
     hf/             HF export of the PPO policy (config.json, model.safetensors, vocab_map.json)
     learning.png    per-step train reward with the first/last 20% means and their error bars
     summary.json    learning statistics, evaluation table, export check, stage wall times
@@ -32,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -113,7 +116,7 @@ def plot_learning(ppo_dir: Path, stats: dict, out: Path) -> Path:
         fontsize=10,
     )
     ax.set_xlabel("PPO step")
-    ax.set_ylabel("reward (0.1 + NDCG@50 if > 0)")
+    ax.set_ylabel("reward")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -138,7 +141,7 @@ def _stage(name: str, timings: dict):
     return _Timer()
 
 
-def _eval_config(cfg, checkpoint_dir: Path, key: str, compare_baseline: bool):
+def _eval_config(cfg, checkpoint_dir: Path, key: str, compare_baseline: bool, temperature=0.0):
     """`cfg` plus the `eval` block of `eval.run` (the fields of configs/eval_scifact.py)."""
     import ml_collections
 
@@ -152,7 +155,7 @@ def _eval_config(cfg, checkpoint_dir: Path, key: str, compare_baseline: bool):
                 checkpoint_dir=str(checkpoint_dir),
                 checkpoint_key=key,
                 step=-1,
-                temperature=0.0,  # greedy
+                temperature=temperature,  # 0 = greedy
                 top_p=1.0,
                 top_k=0,
                 seed=0,
@@ -235,7 +238,8 @@ def summary_markdown(summary: dict) -> str:
     lines = [
         "# Demo summary",
         "",
-        f"Wall time: {summary['wall_s'] / 60:.1f} min ({summary['timings_s']}).",
+        f"Wall time: {summary['wall_s'] / 60:.1f} min ({summary['timings_s']}); CPU time "
+        f"{summary['cpu_s'] / 60:.1f} min; load average at the end {summary['load_average_1m']}.",
         "",
         "## PPO learning (train reward per step)",
         "",
@@ -244,7 +248,7 @@ def summary_markdown(summary: dict) -> str:
         f"- difference {s['difference']:+.4f}, noise (SE of the difference) {s['noise_se']:.4f}, "
         f"z = {s['z']:.2f}",
         "",
-        "## Evaluation (greedy, test claims)",
+        "## Evaluation (test claims)",
         "",
     ]
     rows = summary["eval"]
@@ -324,12 +328,20 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
                 "n": baseline["aggregates"]["num_examples"],
             }
         ]
+        t = float(cfg.sampling.temperature)
+        policies = [("PPO", ppo_dir, "actor_params", ppo_cfg)]
         if cfg.sft.num_steps > 0:
-            sft_report = eval_lib.run(
-                _eval_config(cfg, sft_dir / setup.CHECKPOINT_DIR, "params", False), sft_dir
-            )
-            rows.append(_row("SFT policy (greedy)", sft_report))
-        rows.append(_row("PPO policy (greedy)", ppo_report))
+            policies.insert(0, ("SFT", sft_dir, "params", cfg))
+        for name, run_dir, key, run_cfg in policies:
+            ckpt = run_dir / setup.CHECKPOINT_DIR
+            if name == "PPO":
+                report = ppo_report
+            else:
+                report = eval_lib.run(_eval_config(run_cfg, ckpt, key, False), run_dir)
+            rows.append(_row(f"{name} policy (greedy)", report))
+            # Sampled at the rollout temperature (seed 0): what the policy does in training.
+            sampled = eval_lib.run(_eval_config(run_cfg, ckpt, key, False, t), run_dir / "sampled")
+            rows.append(_row(f"{name} policy (sampled, T={t:g})", sampled))
 
     with _stage("export", timings):
         hf_check = export_and_check(ppo_cfg, ppo_dir, hf_dir)
@@ -342,6 +354,10 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
         "hf_check": hf_check,
         "timings_s": timings,
         "wall_s": round(time.perf_counter() - t_start, 1),
+        # CPU seconds of this process (all threads): the wall time an idle machine would need,
+        # roughly, when the measured wall time is inflated by other jobs on the cores.
+        "cpu_s": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 1),
+        "load_average_1m": round(os.getloadavg()[0], 1),
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
     text = summary_markdown(summary)
