@@ -180,6 +180,7 @@ def plot_rewards(workdir: str | os.PathLike, keys: Sequence[str] | None = None) 
     if keys is None:
         names = sorted({k for r in records for k in r})
         per_task = [k for k in names if k.startswith("reward/task/") and k.endswith("/mean")]
+        per_task = per_task if len(per_task) > 1 else []  # one task: the same as reward/mean
         keys = [k for k in PLOT_KEYS if k in names] + per_task
     curves = [(k, *series(records, k)) for k in keys]
     curves = [c for c in curves if c[1]]
