@@ -3,12 +3,13 @@
 # on all hosts; jax.distributed.initialize() finds the coordinator from the TPU metadata).
 #
 #   TPU_NAME=my-v5p-64 ZONE=us-east5-a bash launch/tpu_pod.sh \
-#       launch/train.py --config=configs/pubmed.py --workdir=gs://bucket/runs/pubmed \
+#       launch/train.py --config=configs/pubmed.py --workdir=/mnt/runs/pubmed \
 #       --config.model.hf_path=/ckpt/Qwen2.5-3B-Instruct
 #
 # Optional: PROJECT (gcloud project), REPO_DIR (checkout path on the workers, default
 # ~/deepretrieval_jax), SETUP=1 (pip install the package with the [tpu] extra first).
-# The workdir must be shared by all workers (GCS or NFS): every host joins each checkpoint.
+# The workdir must be one directory every worker sees (NFS/Filestore, or a gcsfuse mount of a
+# bucket): every host joins each checkpoint. gs:// URLs are not supported by the workdir code.
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}"
 : "${ZONE:?set ZONE}"
