@@ -35,6 +35,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import linen as nn
+
+from deepretrieval_jax import sharding
+from deepretrieval_jax.models import CausalLM, ModelConfig
 
 STATE, METADATA = "state", "metadata"
 _COMMIT_MARKER = "commit_success.txt"
@@ -301,3 +305,63 @@ def saved_structure(directory: str | os.PathLike, step: int | None = None):
     return jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), _saved_tree(step_dir)
     )
+
+
+# Keys that hold the policy params in this project's checkpoints, tried in order when none is
+# given: the RL trainer's train state, then an SFT state.
+POLICY_PARAMS_KEYS = ("actor_params", "params")
+
+
+def restore_policy_params(
+    directory: str | os.PathLike,
+    model_config: ModelConfig,
+    *,
+    step: int | None = None,
+    key: str | None = None,
+    mesh=None,
+    rules=None,
+):
+    """Restores a `CausalLM`'s params from a checkpoint, reading only the params subtree.
+
+    Args:
+        directory: a CheckpointManager directory, or a training run's workdir (its
+            `checkpoints/` subdirectory is used).
+        model_config: the model's shape; the restored tree must match it.
+        step: which step; None for the latest finalised one.
+        key: the saved state's key holding the params. A saved plain params tree is used as is
+            whatever the key; None tries `POLICY_PARAMS_KEYS` in order.
+        mesh, rules: shard the params over `mesh` by the logical `rules` (default
+            `sharding.TRAIN_RULES`); without a mesh they land on the first local device.
+
+    Raises:
+        CheckpointError: the saved state has no such key (or none of `POLICY_PARAMS_KEYS`), or
+            its params do not match `model_config`.
+    """
+    path = _as_path(directory)
+    if (path / "checkpoints").is_dir():  # a training run's workdir
+        path = path / "checkpoints"
+    saved = saved_structure(path, step)
+    if "transformer" in saved:  # a plain params tree
+        key = None
+    else:
+        candidates = POLICY_PARAMS_KEYS if key is None else (key,)
+        found = [k for k in candidates if k in saved]
+        if not found:
+            wanted = " or ".join(repr(k) for k in candidates)
+            raise CheckpointError(
+                f"{path}: the saved state has no {wanted} (keys: {sorted(saved)}); "
+                "pass the key that holds the policy params"
+            )
+        key = found[0]
+    module = CausalLM(model_config)
+    abstract = nn.meta.unbox(sharding.abstract_params(module))
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract)
+    else:
+        rules = sharding.TRAIN_RULES if rules is None else rules
+        shardings = sharding.param_shardings(module, mesh, rules)
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    return restore_params(path, target, step, key)

@@ -375,7 +375,6 @@ def _policy(cfg, decode: DecodeSpec):
     """(generate_fn, tokenizer) for the policy in config.eval.checkpoint_dir (a training run's
     CheckpointManager dir) or else model.hf_path / model.init_checkpoint (`rl.setup`)."""
     import jax
-    from flax import linen as nn
 
     from deepretrieval_jax import checkpoint, models, sharding
     from deepretrieval_jax.rl import setup
@@ -384,15 +383,13 @@ def _policy(cfg, decode: DecodeSpec):
     mesh, rules = sharding.make_mesh(cfg.mesh), sharding.SAMPLER_RULES
     module = models.CausalLM(model_cfg)
     if cfg.eval.checkpoint_dir:
-        shardings = sharding.param_shardings(module, mesh, rules)
-        abstract = jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-            nn.meta.unbox(sharding.abstract_params(module)),
-            shardings,
-        )
-        step = None if cfg.eval.step < 0 else cfg.eval.step
-        params = checkpoint.restore_params(
-            cfg.eval.checkpoint_dir, abstract, step, key=cfg.eval.checkpoint_key or None
+        params = checkpoint.restore_policy_params(
+            cfg.eval.checkpoint_dir,
+            model_cfg,
+            step=None if cfg.eval.step < 0 else cfg.eval.step,
+            key=cfg.eval.checkpoint_key or None,
+            mesh=mesh,
+            rules=rules,
         )
     else:
         params = setup.load_policy_params(cfg, module, mesh, rules, jax.random.key(cfg.seed))

@@ -34,23 +34,12 @@ flags.register_multi_flags_validator(
 
 def export(checkpoint_dir, out_dir, config, step=None, params_key="actor_params", **save_kw):
     """Restores the params of `step` (sharded over all devices) and writes them with hf_io."""
-    import jax
-    from flax import linen as nn
-
     from deepretrieval_jax import checkpoint, hf_io, sharding
-    from deepretrieval_jax.models import CausalLM
 
-    model = CausalLM(config)
-    shardings = sharding.param_shardings(model, sharding.make_mesh(), sharding.TRAIN_RULES)
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        nn.meta.unbox(sharding.abstract_params(model)),
-        shardings,
+    params = checkpoint.restore_policy_params(
+        checkpoint_dir, config, step=step, key=params_key, mesh=sharding.make_mesh()
     )
-    saved = checkpoint.saved_structure(checkpoint_dir, step)
-    key = None if "transformer" in saved else params_key  # a plain params tree has no key
-    params = checkpoint.restore_params(checkpoint_dir, target, step, key)
-    logging.info("Restored %s (key %s); writing %s", checkpoint_dir, key, out_dir)
+    logging.info("Restored %s; writing %s", checkpoint_dir, out_dir)
     return hf_io.save_params(params, config, out_dir, **save_kw)
 
 

@@ -12,13 +12,17 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from tiny_models import random_params
 
 from deepretrieval_jax.checkpoint import (
     CheckpointError,
     CheckpointManager,
     restore_params,
+    restore_policy_params,
     saved_structure,
 )
+from deepretrieval_jax.models import CausalLM, ModelConfig
+from deepretrieval_jax.sharding import make_mesh
 
 
 def mesh(shape):
@@ -250,3 +254,24 @@ def test_missing_and_corrupt_checkpoints_raise_clear_errors(tmp_path):
     shutil.rmtree(ckpt / "1" / "state" / "d")  # array data gone
     with pytest.raises(CheckpointError, match=r"ckpt/1/state: unreadable checkpoint metadata"):
         CheckpointManager(ckpt).restore()
+
+
+def test_restore_policy_params_detects_the_params_key(tmp_path):
+    config = ModelConfig.tiny()
+    params = random_params(CausalLM(config), config, seed=2)
+    for name, state in (
+        ("trainer", {"actor_params": params, "step": jnp.int32(1)}),
+        ("sft", {"params": params, "step": jnp.int32(1)}),
+        ("plain", params),
+    ):
+        with CheckpointManager(tmp_path / name / "checkpoints") as mgr:
+            mgr.save(1, state)
+        # A run's workdir is accepted for its checkpoints/ subdirectory.
+        for directory in (tmp_path / name, tmp_path / name / "checkpoints"):
+            assert_same_values(restore_policy_params(directory, config), params)
+    m = make_mesh()
+    got = restore_policy_params(tmp_path / "trainer", config, key="actor_params", mesh=m)
+    assert_same_values(got, params)
+    assert all(x.sharding.mesh.shape == m.shape for x in jax.tree.leaves(got))
+    with pytest.raises(CheckpointError, match=r"trainer/checkpoints: the saved state has no 'crit"):
+        restore_policy_params(tmp_path / "trainer", config, key="critic_params")

@@ -272,32 +272,6 @@ def _is_hf_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors*"))
 
 
-def _restore_orbax(path: Path, config: ModelConfig, step, params_key: str):
-    from flax import linen as nn
-
-    from deepretrieval_jax import checkpoint, sharding
-    from deepretrieval_jax.models import CausalLM
-
-    if (path / "checkpoints").is_dir():  # a training run's workdir
-        path = path / "checkpoints"
-    saved = checkpoint.saved_structure(path, step)
-    if "transformer" in saved:
-        key = None  # a plain params tree
-    elif params_key in saved:
-        key = params_key
-    else:
-        raise checkpoint.CheckpointError(
-            f"{path}: the saved state has no {params_key!r} (keys: {sorted(saved)}); "
-            "pass the right params_key"
-        )
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-        nn.meta.unbox(sharding.abstract_params(CausalLM(config))),
-    )
-    return checkpoint.restore_params(path, target, step, key)
-
-
 def load_policy(
     path: str | os.PathLike,
     *,
@@ -319,7 +293,7 @@ def load_policy(
       dtype: compute and storage dtype override ("bfloat16" on accelerators).
       policy_kwargs: `Policy` options (max_new_tokens, max_batch, prompt_buckets, seed, name).
     """
-    from deepretrieval_jax import hf_io
+    from deepretrieval_jax import checkpoint, hf_io
 
     path = Path(path).expanduser()
     if not path.is_dir():
@@ -338,7 +312,7 @@ def load_policy(
         else:
             hf = json.loads(Path(config_json).read_text())
             config = ModelConfig.from_hf_config(hf, **overrides)
-        params = _restore_orbax(path, config, step, params_key)
+        params = checkpoint.restore_policy_params(path, config, step=step, key=params_key)
     vocab_ids = None
     if (path / "vocab_map.json").is_file():  # the CPU demo's compact-vocabulary export
         vocab_map = json.loads((path / "vocab_map.json").read_text())
