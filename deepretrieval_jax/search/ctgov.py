@@ -22,8 +22,14 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from deepretrieval_jax.search.base import BackendError, QueryRejected, SearchBackend, check_query
-from deepretrieval_jax.search.http import HttpClient, HttpConfig, TokenBucket, schema_error
+from deepretrieval_jax.search.base import BackendError, QueryRejected, check_query
+from deepretrieval_jax.search.http import (
+    HttpBackend,
+    HttpClient,
+    HttpConfig,
+    TokenBucket,
+    schema_error,
+)
 
 CTGOV_URL = "https://clinicaltrials.gov/api/v2/"
 MAX_PAGE_SIZE = 1000
@@ -61,7 +67,7 @@ def date_filter(mindate: str | None, maxdate: str | None) -> str | None:
     return f"AREA[StudyFirstPostDate]RANGE[{low},{high}]"
 
 
-class CTGovBackend(SearchBackend):
+class CTGovBackend(HttpBackend):
     """`await backend.search(term, maxdate="2020/01/31")` -> ranked NCT ids."""
 
     name = "ctgov"
@@ -80,16 +86,6 @@ class CTGovBackend(SearchBackend):
 
     def __repr__(self):
         return f"CTGovBackend(base_url={self.config.base_url!r}, top_k={self.config.top_k})"
-
-    @property
-    def counters(self):
-        return self.http.counters
-
-    async def open(self) -> None:
-        await self.http.open()
-
-    async def close(self) -> None:
-        await self.http.close()
 
     def cache_params(self, **opts: Any) -> Mapping[str, Any]:
         return {

@@ -37,7 +37,7 @@ from typing import Any
 
 import aiohttp
 
-from deepretrieval_jax.search.base import BackendError
+from deepretrieval_jax.search.base import BackendError, SearchBackend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,3 +291,20 @@ def schema_error(client: HttpClient, what: str) -> BackendError:
     """A 2xx response whose JSON does not have the expected shape (counted as malformed)."""
     client.counters.errors["malformed"] += 1
     return BackendError(f"{client.name}: unexpected response schema: {what}")
+
+
+class HttpBackend(SearchBackend):
+    """A `SearchBackend` over one `HttpClient`, `self.http` (set by the subclass's `__init__`):
+    `open`/`close` open and close the client and `counters` are the client's."""
+
+    http: HttpClient
+
+    @property
+    def counters(self) -> HttpCounters:
+        return self.http.counters
+
+    async def open(self) -> None:
+        await self.http.open()
+
+    async def close(self) -> None:
+        await self.http.close()

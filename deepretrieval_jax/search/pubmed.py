@@ -23,8 +23,14 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from deepretrieval_jax.search.base import SearchBackend, check_query
-from deepretrieval_jax.search.http import HttpClient, HttpConfig, TokenBucket, schema_error
+from deepretrieval_jax.search.base import check_query
+from deepretrieval_jax.search.http import (
+    HttpBackend,
+    HttpClient,
+    HttpConfig,
+    TokenBucket,
+    schema_error,
+)
 
 ESEARCH_URL = "https://eutils.ncbi.nlm.nih.gov/entrez/eutils/"
 MAX_RETSTART = 9998
@@ -72,7 +78,7 @@ def resolve_api_key(config: PubMedConfig) -> str | None:
     return os.environ.get("NCBI_API_KEY") or None
 
 
-class PubMedBackend(SearchBackend):
+class PubMedBackend(HttpBackend):
     """`await backend.search(term, maxdate="2020/01/31")` -> ranked PMIDs (strings)."""
 
     name = "pubmed"
@@ -98,16 +104,6 @@ class PubMedBackend(SearchBackend):
             f"PubMedBackend(base_url={self.config.base_url!r}, top_k={self.config.top_k}, "
             f"api_key={'set' if self.has_api_key else 'none'})"
         )
-
-    @property
-    def counters(self):
-        return self.http.counters
-
-    async def open(self) -> None:
-        await self.http.open()
-
-    async def close(self) -> None:
-        await self.http.close()
 
     def cache_params(self, **opts: Any) -> Mapping[str, Any]:
         return {
