@@ -19,14 +19,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from deepretrieval_jax.serving import flags as policy_flags  # noqa: E402
+
 F = flags.FLAGS
-flags.DEFINE_string("policy", None, "HF directory, orbax checkpoint dir or a run's workdir.")
-flags.DEFINE_string("model", None, "Model preset (orbax checkpoints), e.g. qwen2.5-3b.")
-flags.DEFINE_string("config_json", None, "HF config.json (orbax checkpoints), instead of --model.")
-flags.DEFINE_string("tokenizer", None, "qwen2.5 or a tokenizer dir (default: the policy dir's).")
-flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-flags.DEFINE_string("params_key", "actor_params", "Train-state key holding the policy params.")
-flags.DEFINE_string("dtype", None, "Compute/storage dtype override, e.g. bfloat16.")
+policy_flags.define_policy_flags()
 flags.DEFINE_string("task", None, "Task name (deepretrieval_jax.data.tasks), e.g. scifact.")
 flags.DEFINE_string("data_dir", None, "Local corpora for BM25/SQL tasks (<data_dir>/<corpus>).")
 flags.DEFINE_string("input", None, "One input (text; JSON for PICO/SQL).")
@@ -38,11 +34,9 @@ flags.DEFINE_integer("top_k", 10, "Results to print per input.")
 flags.DEFINE_enum("fallback", "none", ["none", "original"], "Search with the input if no query.")
 flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0 = greedy).")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
-flags.DEFINE_integer("max_new_tokens", 512, "Completion length limit (tokens).")
-flags.DEFINE_integer("max_input_tokens", 2048, "Prompt length limit (tokens).")
 flags.DEFINE_integer("batch_size", 8, "Inputs per sampler call.")
 flags.DEFINE_enum("format", "text", ["text", "json"], "Output format.")
-flags.mark_flags_as_required(["policy", "task"])
+flags.mark_flags_as_required(["task"])
 
 
 def main(argv):
@@ -57,12 +51,7 @@ def main(argv):
         items = rewrite.gather_inputs(F.input, F.input_file, pico)
     except rewrite.InputError as e:
         raise app.UsageError(str(e)) from None
-    buckets = tuple(b for b in (64, 128, 256, 512, 1024, 2048, 4096) if b < F.max_input_tokens)
-    policy = policy_lib.load_policy(
-        F.policy, model=F.model, config_json=F.config_json, tokenizer=F.tokenizer, step=F.step,
-        params_key=F.params_key, dtype=F.dtype, max_new_tokens=F.max_new_tokens,
-        max_batch=F.batch_size, prompt_buckets=(*buckets, F.max_input_tokens),
-    )  # fmt: skip
+    policy = policy_flags.load_policy_from_flags(max_batch=F.batch_size)
     settings = policy_lib.GenSettings(temperature=F.temperature, top_p=F.top_p)
     records = rewrite.run(
         policy, get_task(F.task), items, settings, F.max_new_tokens, F.data_dir, F.search,
