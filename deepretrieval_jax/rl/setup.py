@@ -6,6 +6,7 @@ and raises one clear error naming the config field when the config cannot work.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,13 +38,19 @@ def load_tokenizer(cfg, model_cfg: models.ModelConfig | None) -> Tokenizer:
     name = cfg.tokenizer.name or cfg.model.hf_path
     if not name:
         raise ValueError("config.tokenizer.name and config.model.hf_path are both empty")
-    tok = Tokenizer.qwen25() if name == "qwen2.5" else Tokenizer.from_dir(name)
+    tok = _tokenizer(name)
     if model_cfg is not None and tok.vocab_size > model_cfg.vocab_size:
         raise ValueError(
             f"config.model: vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's "
             f"{tok.vocab_size} ids"
         )
     return tok
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(name: str) -> Tokenizer:
+    """Loading a 152k-entry HF tokenizer takes seconds; SFT, PPO and eval in one process share it."""
+    return Tokenizer.qwen25() if name == "qwen2.5" else Tokenizer.from_dir(name)
 
 
 def task_spec(cfg) -> tasks_lib.TaskSpec:
