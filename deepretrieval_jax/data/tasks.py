@@ -132,6 +132,15 @@ _BEIR_METRICS = ("ndcg@10", "recall@100")
 _SQL_METRICS = ("execution_accuracy",)
 
 
+# The no-reasoning twin of a query-writing task: answer tags only, no <think>.
+_NO_REASONING_QUERY = dict(
+    variant="no_reasoning",
+    system=P.SYSTEM_NO_REASONING,
+    output_format=P.FORMAT_QUERY_NO_REASONING,
+    assistant_prefix=P.PREFIX_ANSWER,
+)
+
+
 def _variants(base: dict, no_reason: dict) -> None:
     """Registers the reasoning task `base` and its no-reasoning twin (base updated by no_reason).
 
@@ -203,12 +212,7 @@ def _define_evidence() -> None:
                 reward_opts={},
                 eval_metrics=_EVIDENCE_METRICS,
             ),
-            dict(
-                variant="no_reasoning",
-                system=P.SYSTEM_NO_REASONING,
-                output_format=P.FORMAT_QUERY_NO_REASONING,
-                assistant_prefix=P.PREFIX_ANSWER,
-            ),
+            _NO_REASONING_QUERY,
         )
 
 
@@ -260,12 +264,7 @@ def _retrieval_task(
             reward_opts=reward_opts,
             eval_metrics=_BEIR_METRICS,
         ),
-        dict(
-            variant="no_reasoning",
-            system=P.SYSTEM_NO_REASONING,
-            output_format=P.FORMAT_QUERY_NO_REASONING,
-            assistant_prefix=P.PREFIX_ANSWER,
-        ),
+        _NO_REASONING_QUERY,
     )
 
 
