@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The test suite: CPU only, 8 fake devices (tests/conftest.py), parallel over the machine's cores.
+# The test suite (README command 2; .ci/run calls it): sets up .venv with the test extras if
+# needed, then runs pytest on CPU with 8 fake devices (tests/conftest.py), in parallel over the
+# machine's cores. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -z "${VIRTUAL_ENV:-}" ] && [ -x .venv/bin/python ]; then . .venv/bin/activate; fi
+# shellcheck disable=SC1091
+. launch/setup_env.sh test
 exec python -m pytest -q -n "${PYTEST_WORKERS:-auto}" --dist loadfile tests "$@"
