@@ -6,20 +6,8 @@
 # it exists, else SciFact is downloaded from BEIR's public address into the cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-PYTHON=${PYTHON:-python3}
-VENV=${VENV:-.venv}
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PYTHON" -m venv "$VENV"
-fi
 # shellcheck disable=SC1091
-. "$VENV/bin/activate"
-if ! python -c "import deepretrieval_jax, torch, transformers" 2>/dev/null; then
-  python -m pip install -q --upgrade pip
-  # torch 2.13.0 CPU first so that nothing pulls a CUDA build (used to check the HF export).
-  python -m pip install -q "torch==2.13.0"
-  python -m pip install -q -e .
-fi
+. launch/setup_env.sh  # .venv + torch 2.13.0 (CPU) + the package, when not importable
 
 if [ -z "${DEEPRETRIEVAL_DATA_DIR:-}" ] && [ -f ../shared/data/scifact/corpus.jsonl ]; then
   DEEPRETRIEVAL_DATA_DIR="$(cd ../shared/data && pwd)"
