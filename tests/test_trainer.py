@@ -156,3 +156,18 @@ def test_pubmed_backend_requires_the_configured_api_key(monkeypatch):
     monkeypatch.setenv("NCBI_API_KEY", "k")
     backend = trainer._make_backend(cfg, spec)
     assert backend.has_api_key and backend.config.rate_per_s == cfg.reward.rate_per_s
+
+
+def test_sft_restarted_in_its_workdir_resumes_bitwise(tmp_path):
+    cfg = fx.tiny_config()
+    cfg.data.data_dir = str(fx.write_beir(tmp_path / "data"))
+    cfg.sft.batch_size, cfg.sft.max_len, cfg.sft.warmup_steps = 8, 80, 2
+    cfg.sft.num_steps = 3
+    straight = sft.run_sft(cfg, tmp_path / "straight")
+    cfg.sft.num_steps, cfg.sft.checkpoint_every = 2, 1
+    sft.run_sft(cfg, tmp_path / "resumed")  # "killed" after step 2
+    cfg.sft.num_steps = 3
+    resumed = sft.run_sft(cfg, tmp_path / "resumed")
+    assert fx.params_digest(resumed) == fx.params_digest(straight)
+    steps = [r["step"] for r in metrics.read_jsonl(tmp_path / "resumed" / metrics.JSONL_NAME)]
+    assert steps == [1, 2, 3]

@@ -14,8 +14,9 @@ with the input itself as the query (the "original query" baseline in the task's 
 format), which teaches a randomly initialised policy the format.
 
 The result is a CheckpointManager directory `WORKDIR/checkpoints` whose state is
-{"params": policy params}; PPO starts its actor AND reference from it
-(`--config.model.init_checkpoint=WORKDIR/checkpoints`).
+{"params", "opt_state", "step"} (metadata: the data order's state); PPO starts its actor AND
+reference from "params" (`--config.model.init_checkpoint=WORKDIR/checkpoints`). A run restarted
+in the same workdir resumes from its latest checkpoint (`sft.checkpoint_every`).
 """
 
 from __future__ import annotations
@@ -194,6 +195,11 @@ def run_sft(cfg, workdir: str) -> dict:
 
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.TRAIN_RULES
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if sft.batch_size % dp:
+        raise ValueError(
+            f"config.sft.batch_size ({sft.batch_size}) must divide by data*fsdp ({dp})"
+        )
     model = models.CausalLM(model_cfg)
     params = setup.load_policy_params(cfg, model, mesh, rules, jax.random.key(cfg.seed))
     logging.info("SFT: %d pairs, policy %.2fM params", num_pairs, setup.param_count(params) / 1e6)
@@ -213,15 +219,24 @@ def run_sft(cfg, workdir: str) -> dict:
         out_shardings=(state_sh, None),
         donate_argnums=0,
     )
-    writer = metrics.MetricsWriter(
-        workdir, total_steps=sft.num_steps, tensorboard=cfg.logging.tensorboard,
-        progress=cfg.logging.progress,
-    )  # fmt: skip
     ckpt = checkpoint.CheckpointManager(
         workdir / setup.CHECKPOINT_DIR, max_to_keep=1, async_save=False
     )
+    start = ckpt.latest_step() or 0
+    if start:  # resume: params, optimiser state, step and data order continue exactly
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _saved(state)
+        )
+        saved, meta = ckpt.restore(start, target=target)
+        state = SFTState(**saved)
+        it.set_state(meta["data"])
+        logging.info("SFT resumed from step %d", start)
+    writer = metrics.MetricsWriter(
+        workdir, total_steps=sft.num_steps, start_step=start, tensorboard=cfg.logging.tensorboard,
+        progress=cfg.logging.progress,
+    )  # fmt: skip
     pending, t0 = None, time.time()
-    for step in range(1, sft.num_steps + 1):
+    for step in range(start + 1, sft.num_steps + 1):
         idx = next(it)
         local = {k: v[idx] for k, v in arrays.items()}
         batch = SFTBatch(**setup.global_batch(local, mesh, rules))
@@ -231,12 +246,19 @@ def run_sft(cfg, workdir: str) -> dict:
             _log_sft(writer, *pending)
         pending = (step, aux, time.time() - t0)
         if sft.checkpoint_every and step % sft.checkpoint_every == 0 and step < sft.num_steps:
-            ckpt.save(step, {"params": state.params}, {"stage": "sft", "step": step})
-    _log_sft(writer, *pending)
-    ckpt.save(sft.num_steps, {"params": state.params}, {"stage": "sft", "step": sft.num_steps})
+            ckpt.save(step, _saved(state), {"stage": "sft", "data": it.get_state()})
+    if pending is not None:
+        _log_sft(writer, *pending)
+    if start < sft.num_steps:
+        ckpt.save(sft.num_steps, _saved(state), {"stage": "sft", "data": it.get_state()})
     ckpt.close()
     writer.close()
     return state.params
+
+
+def _saved(state: SFTState) -> dict:
+    """The checkpointed state: PPO reads only "params" (`checkpoint.restore_params`)."""
+    return {"params": state.params, "opt_state": state.opt_state, "step": state.step}
 
 
 def _log_sft(writer, step, aux, elapsed):
