@@ -155,16 +155,17 @@ class CausalLM(nn.Module):
         """Final-norm hidden states [B, T, D] and the updated cache."""
         return self.transformer(tokens_BxT, positions_BxT, mask_BxT, cache)
 
-    def __call__(self, tokens_BxT, positions_BxT, mask_BxT, cache=None):
-        hidden_BxTxD, cache = self.transformer(tokens_BxT, positions_BxT, mask_BxT, cache)
+    def lm_logits(self, hidden_BxTxD):
+        """Logits [B, T, V] of final-norm hidden states (tied embedding or the LM head)."""
         if self.config.tie_embeddings:
             logits_BxTxV = self.transformer.embedder.attend(hidden_BxTxD)
         else:
             logits_BxTxV = self.lm_head(hidden_BxTxD)
-        logits_BxTxV = nn.with_logical_constraint(
-            logits_BxTxV, ("act_batch", "act_len", "act_vocab")
-        )
-        return logits_BxTxV, cache
+        return nn.with_logical_constraint(logits_BxTxV, ("act_batch", "act_len", "act_vocab"))
+
+    def __call__(self, tokens_BxT, positions_BxT, mask_BxT, cache=None):
+        hidden_BxTxD, cache = self.transformer(tokens_BxT, positions_BxT, mask_BxT, cache)
+        return self.lm_logits(hidden_BxTxD), cache
 
 
 class LMHead(nn.Module):

@@ -292,14 +292,7 @@ class PolicyValueModel(CausalLM):
     def logits_and_values(self, tokens_BxT, positions_BxT, mask_BxT, cache=None):
         """One trunk pass -> (logits_BxTxV float32, values_BxT float32, cache)."""
         hidden_BxTxD, cache = self.transformer(tokens_BxT, positions_BxT, mask_BxT, cache)
-        if self.config.tie_embeddings:
-            logits_BxTxV = self.transformer.embedder.attend(hidden_BxTxD)
-        else:
-            logits_BxTxV = self.lm_head(hidden_BxTxD)
-        logits_BxTxV = nn.with_logical_constraint(
-            logits_BxTxV, ("act_batch", "act_len", "act_vocab")
-        )
-        return logits_BxTxV, self.value_head(hidden_BxTxD), cache
+        return self.lm_logits(hidden_BxTxD), self.value_head(hidden_BxTxD), cache
 
 
 def policy_model(cfg: PPOConfig, model_config) -> nn.Module:
