@@ -96,6 +96,8 @@ def ppo_config() -> ml_collections.ConfigDict:
             whiten_advantages=True,  # whiten GAE advantages over the batch's response tokens
             grpo_normalize_std=True,  # GRPO: divide by the group std
             grpo_eps=1e-6,  # GRPO: added to the group std
+            critic="separate",  # GAE: "separate" ValueModel (original) | "shared" value head
+            value_loss_coef=0.5,  # shared critic: loss = actor loss + coef * value loss
             kl_in_reward=True,  # True: -kl_coef * KL per token in the reward (original)
             kl_estimator="k1",  # in-reward estimator: k1 (logp - logp_ref, original), k2, k3
             kl_coef=0.001,  # in-reward KL coefficient (fixed unless kl_adaptive)

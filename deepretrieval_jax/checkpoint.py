@@ -34,6 +34,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from flax import linen as nn
 
@@ -323,6 +324,8 @@ def restore_policy_params(
 ):
     """Restores a `CausalLM`'s params from a checkpoint, reading only the params subtree.
 
+    Subtrees a `CausalLM` does not have (a shared critic's `value_head`) are left unread.
+
     Args:
         directory: a CheckpointManager directory, or a training run's workdir (its
             `checkpoints/` subdirectory is used).
@@ -355,6 +358,11 @@ def restore_policy_params(
         key = found[0]
     module = CausalLM(model_config)
     abstract = nn.meta.unbox(sharding.abstract_params(module))
+    extra = sorted(set(saved[key]) - set(abstract)) if key is not None else []
+    if extra:  # e.g. a shared critic's value head (rl.state.PolicyValueModel): not read
+        logging.info(
+            "%s: %s/{%s} is not part of the policy; not restored", path, key, ",".join(extra)
+        )
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: device, abstract)

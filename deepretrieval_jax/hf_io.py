@@ -14,6 +14,8 @@ Invariants:
   `max_shard_size` (+ index when more than one) and the tokenizer files when a tokenizer is given;
   `transformers.AutoModelForCausalLM.from_pretrained` loads it with no missing/unexpected keys.
 - Tied embeddings: no `lm_head.weight` is written; one found in a tied checkpoint is ignored.
+- Export writes the LM only: a shared critic's `value_head` subtree (`rl.state.PolicyValueModel`)
+  is dropped with a log line.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from flax import linen as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
@@ -333,6 +336,9 @@ def save_params(
     limit = parse_size(max_shard_size)
 
     pairs = name_pairs(config)
+    dropped = sorted(set(params) - {path[0] for _, path, _ in pairs})
+    if dropped:  # e.g. a shared critic's value head: not part of the HF causal LM
+        logging.info("save_params: not exported (no HF tensor): %s", ", ".join(dropped))
     shards: list[list[tuple[str, tuple, str]]] = [[]]
     shard_bytes, total = 0, 0
     for hf_name, path, rule in pairs:
