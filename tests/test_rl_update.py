@@ -340,6 +340,22 @@ def test_nan_input_skips_the_update(field):
     assert int(after.consecutive_skips) == 0
 
 
+def test_update_given_precomputed_advantages_matches_the_fused_update():
+    """The trainer dispatches `advantages` on its own (timed apart), then `update(..., adv)`."""
+    cfg, shape = PPO, (1, 1, 1)
+    _, steps = _steps(cfg, shape)
+    state = _init(cfg, shape)
+    batch = jax.device_put(_edge_batch(cfg, shape, state), steps.batch_shardings)
+    adv = steps.advantages(state, batch)
+    s_a, m_a = steps.update(_copy(state), batch, adv)
+    s_b, m_b = steps.update(_copy(state), batch)
+    assert set(m_a) == set(m_b)
+    for k in m_a:
+        np.testing.assert_allclose(float(m_a[k]), float(m_b[k]), rtol=1e-5, atol=1e-7, err_msg=k)
+    for a, b in zip(jax.tree.leaves(s_a), jax.tree.leaves(s_b), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
 def _learn(cfg, seed, n_steps, group):
     shape = (1, 1, 1)
     state = _init(cfg, shape, seed)

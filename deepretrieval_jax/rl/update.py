@@ -87,12 +87,15 @@ def ppo_update(
     policy_value_fn: Callable | None = None,
     mesh=None,
     rules=None,
+    advantages=None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One PPO step: advantages, then `ppo_epochs` x mini-batches of actor (and critic) updates,
     each accumulating gradients over micro-batches inside a `lax.scan`.
 
     Separate critic: `value_fn` on `state.critic_params`. Shared critic: `policy_value_fn`
     ((params, ...) -> (logits, values)) on `state.actor_params`, one loss and one optimiser.
+    `advantages`: `compute_advantages(batch, cfg, state.kl_coef)`'s output when already computed
+    (the trainer times that phase on its own); None computes it here.
 
     Returns the new state and scalar float32 metrics (means over the mini-batch updates).
     """
@@ -115,7 +118,9 @@ def ppo_update(
             x, sharding.sharding_for_names(names, x.shape, mesh, rules)
         )
 
-    adv_BxT, returns_BxT, _, adv_metrics = compute_advantages(batch, cfg, state.kl_coef)
+    if advantages is None:
+        advantages = compute_advantages(batch, cfg, state.kl_coef)
+    adv_BxT, returns_BxT, _, adv_metrics = advantages
     inputs_ok = inputs_finite(batch, cfg, adv_BxT, returns_BxT)
     mask_BxT = loss_mask(batch)
     data = losses.MiniBatch(
@@ -241,7 +246,8 @@ class PPOSteps:
     """The jitted steps for one (config, models, mesh). Call them anywhere; they trace inside
     the mesh and logical rules.
 
-    update(state, batch) -> (state, metrics)        state donated
+    update(state, batch, advantages=None) -> (state, metrics)   state donated; `advantages`:
+                                                     the output of `advantages` (else computed)
     prepare(state, batch) -> batch                   fills old_logp (actor, recomputed),
                                                      ref_logp and old_values in one call
     logprobs(state, batch) -> logp_BxT               actor (recompute old_logp)
@@ -255,6 +261,7 @@ class PPOSteps:
     mesh: Any
     rules: Any
     _update: Callable
+    _update_given_adv: Callable
     _prepare: Callable
     _logprobs: Callable
     _ref_logprobs: Callable
@@ -265,8 +272,10 @@ class PPOSteps:
         with sharding.mesh_rules(self.mesh, self.rules):
             return fn(*args)
 
-    def update(self, state, batch):
-        return self._call(self._update, state, batch)
+    def update(self, state, batch, advantages=None):
+        if advantages is None:
+            return self._call(self._update, state, batch)
+        return self._call(self._update_given_adv, state, batch, advantages)
 
     def prepare(self, state, batch):
         return self._call(self._prepare, state, batch)
@@ -351,6 +360,7 @@ def make_jitted(
             batch = batch.replace(ref_logp_BxT=compute_logprobs(policy_fn, state.ref_params, batch))
         return batch
 
+    adv_sh = (bt, bt, bt, replicated)  # compute_advantages: adv, returns, token rewards, metrics
     return PPOSteps(
         state_shardings=state_sh,
         batch_shardings=batch_sh,
@@ -363,6 +373,13 @@ def make_jitted(
             donate_argnums=(0,),
             compiler_options=compiler_options,
         ),
+        _update_given_adv=jax.jit(
+            lambda s, b, adv: update(s, b, advantages=adv),
+            in_shardings=(state_sh, batch_sh, adv_sh),
+            out_shardings=(state_sh, replicated),
+            donate_argnums=(0,),
+            compiler_options=compiler_options,
+        ),
         _prepare=jit(prepare, batch_sh),
         _logprobs=jit(lambda s, b: compute_logprobs(policy_fn, s.actor_params, b), bt),
         _ref_logprobs=jit(ref_logp, bt),
@@ -371,7 +388,5 @@ def make_jitted(
             if cfg.use_critic
             else None
         ),
-        _advantages=jit(
-            lambda s, b: compute_advantages(b, cfg, s.kl_coef), (bt, bt, bt, replicated)
-        ),
+        _advantages=jit(lambda s, b: compute_advantages(b, cfg, s.kl_coef), adv_sh),
     )
