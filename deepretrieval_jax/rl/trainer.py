@@ -35,7 +35,7 @@ from flax import linen as nn
 
 from deepretrieval_jax import checkpoint, metrics, models, sharding
 from deepretrieval_jax.config import TrainConfig, resolve_data_dir, to_dataclass, validate
-from deepretrieval_jax.data import render
+from deepretrieval_jax.data import backends, render
 from deepretrieval_jax.rewards.pool import PoolConfig, RewardPool
 from deepretrieval_jax.rewards.tasks import make_task
 from deepretrieval_jax.rl import rollout, setup
@@ -115,19 +115,11 @@ def _make_backend(cfg, spec):
                 f"config.reward.api_key_env: ${r.api_key_env} is not set (set it, or set "
                 "api_key_env='' to search without a key at the engine's lower rate limit)"
             )
-    if spec.backend == "pubmed":
-        from deepretrieval_jax.search.pubmed import PubMedBackend, PubMedConfig
-
-        return PubMedBackend(PubMedConfig(api_key=key, rate_per_s=r.rate_per_s or None))
-    if spec.backend == "ctgov" and r.rate_per_s:
-        from deepretrieval_jax.search.ctgov import CTGovBackend, CTGovConfig
-
-        return CTGovBackend(CTGovConfig(rate_per_s=r.rate_per_s))
-    from deepretrieval_jax.eval import make_backend
-
-    index_opts = {k: v for k, v in r.search_opts.items() if k in spec.index_opts()}
+    index_opts, _ = backends.split_search_opts(spec, r.search_opts)
     data_dir = resolve_data_dir(cfg.data.data_dir) if spec.corpus else None
-    return make_backend(spec, data_dir, index_opts)
+    return backends.task_backend(
+        spec, data_dir, index_opts, api_key=key, rate_per_s=r.rate_per_s or None
+    )
 
 
 class _Run:
@@ -204,9 +196,7 @@ class _Run:
             self.workdir, self.tc.num_steps, self.start_step,
             tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
         )  # fmt: skip
-        self.search_opts = {
-            k: v for k, v in cfg.reward.search_opts.items() if k not in spec.index_opts()
-        }
+        _, self.search_opts = backends.split_search_opts(spec, cfg.reward.search_opts)
 
     # ------------------------------------------------------------------ setup pieces
     def _init_or_restore(self):

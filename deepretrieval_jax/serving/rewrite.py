@@ -7,7 +7,7 @@ request at a time through the scheduler). The pieces:
   raising `InputError` with a message fit for a 400 response.
 - `interpret(spec, completion)`: the query (last `<answer>` JSON, `rewards.parsing` rules),
   the reasoning (text before `</think>` in reasoning variants) and the parse error, if any.
-- `Searcher`: the task's backend (`eval.make_backend`) plus document titles where a local
+- `Searcher`: the task's backend (`data.backends.task_backend`) plus document titles where a local
   corpus has them; `search(query, top_k)` returns `[{"rank", "id", "title"?}]`.
   Invariants: one backend per task, opened once and closed by `close()`; a failing search is
   reported in the result (`search_error`), never raised to the caller; the query is passed to
@@ -124,11 +124,11 @@ class Searcher:
     """The task's search backend, opened lazily, with titles from a local BEIR corpus."""
 
     def __init__(self, spec: TaskSpec, data_dir: str | None = None, titles: bool = True):
-        from deepretrieval_jax import eval as eval_lib
+        from deepretrieval_jax.data.backends import task_backend
 
         self.spec = spec
         root = Path(data_dir).expanduser() if data_dir else None
-        self.backend = eval_lib.make_backend(spec, root)
+        self.backend = task_backend(spec, root)
         corpus = root / spec.corpus / "corpus.jsonl" if root and spec.corpus else None
         self.titles = _titles(corpus) if titles and corpus and corpus.is_file() else {}
         self._opened = False
