@@ -8,6 +8,10 @@ Policy (greedy unless --config.eval.temperature > 0):
     python launch/eval.py --config=configs/eval_scifact.py:policy --workdir=/tmp/eval_scifact \
         --config.eval.checkpoint_dir=/tmp/scifact/checkpoints   # or --config.model.hf_path=DIR
 Writes WORKDIR/eval/scifact_test_<method>.{json,md,png}.
+Dense (task scifact_dense; `:dense` or `:policy,dense`), the encoder as a local directory:
+    python launch/eval.py --config=configs/eval_scifact.py:dense --workdir=/tmp/eval_dense \
+        --config.reward.search_opts.model=/ckpt/bge-base-en-v1.5   # or "minilm" (packaged)
+The first run encodes the 5,183 abstracts and caches them under $DEEPRETRIEVAL_CACHE_DIR.
 """
 
 import ml_collections
@@ -37,8 +41,15 @@ def eval_config(method: str = "original_query") -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    cfg = scifact.get_config()
-    cfg.eval = eval_config("policy" if arg == "policy" else "original_query")
-    # Eval metrics need the top 100 (Recall@100); training asked for 50.
-    cfg.reward.search_opts = ml_collections.ConfigDict(dict(k1=1.2, b=0.75, top_k=100))
+    args = set((arg or "").split(",")) - {""}
+    unknown = sorted(args - {"policy", "dense"})
+    if unknown:
+        raise ValueError(f"configs/eval_scifact.py: unknown arg(s) {unknown}; use policy,dense")
+    cfg = scifact.get_config("dense" if "dense" in args else None)
+    cfg.eval = eval_config("policy" if "policy" in args else "original_query")
+    # Eval metrics need the top 100 (Recall@100); training asked for 50 (BM25).
+    if "dense" in args:
+        cfg.reward.search_opts.top_k = 100
+    else:
+        cfg.reward.search_opts = ml_collections.ConfigDict(dict(k1=1.2, b=0.75, top_k=100))
     return cfg

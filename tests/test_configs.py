@@ -102,3 +102,18 @@ def test_launch_train_rejects_an_unknown_override_before_any_work(tmp_path):
     assert out.returncode != 0
     assert "no_such_field" in out.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_scifact_dense_variants_name_the_dense_task_and_its_encoder():
+    scifact, evals = ROOT / "configs" / "scifact.py", ROOT / "configs" / "eval_scifact.py"
+    cfg = _parse(f"--config={scifact}:dense,no_reason", "--config.reward.search_opts.model=minilm")
+    assert cfg.data.task == "scifact_dense_no_reason"
+    assert dict(cfg.reward.search_opts) == {"model": "minilm", "top_k": 1000}
+    cfg = _parse(f"--config={evals}:policy,dense")
+    assert (cfg.data.task, cfg.eval.method) == ("scifact_dense", "policy")
+    assert dict(cfg.reward.search_opts) == {"model": "BAAI/bge-base-en-v1.5", "top_k": 100}
+    assert _parse(f"--config={evals}").reward.search_opts.k1 == 1.2
+    from configs import scifact as scifact_config
+
+    with pytest.raises(ValueError, match=r"unknown arg\(s\) \['sparse'\]; use dense,no_reason"):
+        scifact_config.get_config("dense,sparse")
