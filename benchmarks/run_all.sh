@@ -9,8 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${VIRTUAL_ENV:-}" ] && [ -x .venv/bin/python ]; then . .venv/bin/activate; fi
 DATA="${DEEPRETRIEVAL_DATA_DIR:-../shared/data}/scifact"
-OUT=$(mktemp -d)
+OUT=${REUSE_OUT:-$(mktemp -d)}  # REUSE_OUT=DIR: rewrite the doc from a previous run's outputs
 QUICK=${QUICK:-0}
+echo "outputs in $OUT" >&2
 
 run() {  # run NAME COMMAND...: one benchmark, its output captured in $OUT/NAME.md
   local name=$1
@@ -23,7 +24,7 @@ run() {  # run NAME COMMAND...: one benchmark, its output captured in $OUT/NAME.
     echo "\`$*\` (load average before: $(cut -d' ' -f1 /proc/loadavg) on $(nproc) cores)"
     echo
     if "$@" > "$OUT/$name.log" 2>&1; then
-      grep -v -E '^(I|W)[0-9]{4} |^WARNING|^$' "$OUT/$name.log" || true
+      grep -v -E '^(I|W)[0-9]{4} |^WARNING|^$|it/s\]' "$OUT/$name.log" || true
     else
       echo "FAILED (exit $?); last lines:"
       echo '```'
@@ -36,7 +37,9 @@ run() {  # run NAME COMMAND...: one benchmark, its output captured in $OUT/NAME.
   } > "$OUT/$name.md"
 }
 
-if [ "$QUICK" = 1 ]; then
+if [ -n "${REUSE_OUT:-}" ]; then
+  :
+elif [ "$QUICK" = 1 ]; then
   run sampler python benchmarks/sampler.py --layers=2 --batches=1,8 --new_tokens=64
   run ppo_step python benchmarks/ppo_step.py --reps=1
   run reward_pool python benchmarks/reward_pool.py --queries=32
@@ -47,7 +50,9 @@ else
   run reward_pool python benchmarks/reward_pool.py
   run bm25_scifact python benchmarks/bm25_scifact.py --data="$DATA"
 fi
-if [ -f benchmarks/serve.py ]; then run serve python benchmarks/serve.py; fi
+if [ -z "${REUSE_OUT:-}" ] && [ -f benchmarks/serve.py ]; then
+  run serve python benchmarks/serve.py
+fi
 
 DOC=docs/benchmarks.md
 BEGIN='<!-- run_all:begin -->'
@@ -60,8 +65,8 @@ END='<!-- run_all:end -->'
   echo
   cat "$OUT"/*.md
   echo "$END"
-} > "$OUT/section.md"
-python - "$DOC" "$OUT/section.md" "$BEGIN" "$END" <<'PY'
+} > "$OUT/section.txt"
+python - "$DOC" "$OUT/section.txt" "$BEGIN" "$END" <<'PY'
 import sys
 from pathlib import Path
 
