@@ -52,6 +52,8 @@ def test_run_writes_metrics_tensorboard_and_checkpoints(full_run):
         "ppo/clip_frac" if "ppo/clip_frac" in row else "ppo/policy_loss",
         "response/length_mean", "pool/samples", "time/generate_s", "time/reward_wait_s",
         "time/update_wait_s", "throughput/tokens_per_s", "reward/task/scifact/mean",
+        "time/logprobs_s", "time/ref_logprobs_s", "time/values_s", "time/advantages_s",
+        "time/update_s",
     ):  # fmt: skip
         assert key in row, f"missing metric {key}; have {sorted(row)}"
     assert any(k.startswith("reward/bucket/scifact/") for k in row)
@@ -171,3 +173,30 @@ def test_sft_restarted_in_its_workdir_resumes_bitwise(tmp_path):
     assert fx.params_digest(resumed) == fx.params_digest(straight)
     steps = [r["step"] for r in metrics.read_jsonl(tmp_path / "resumed" / metrics.JSONL_NAME)]
     assert steps == [1, 2, 3]
+
+
+def test_shared_critic_run_checkpoints_a_value_head_that_hf_export_drops(tmp_path):
+    from deepretrieval_jax import hf_io
+    from deepretrieval_jax.rl import setup
+
+    cfg = fx.tiny_config(num_steps=1)
+    cfg.ppo.critic = "shared"
+    ex = fx.examples()
+    result = trainer.train(cfg, tmp_path, train_examples=ex, val_examples=ex, backend=fx.backend())
+    assert result.step == 1 and result.state.critic_params is None
+    assert "value_head" in result.state.actor_params
+    assert np.isfinite(result.last_metrics["ppo/value_loss"])
+    assert "ppo/grad_norm_critic" not in result.last_metrics  # one optimiser
+    assert result.last_metrics["time/values_s"] >= 0.0
+
+    vocab = result.state.actor_params["transformer"]["embedder"]["embedding"].shape[0]
+    model_cfg = setup.model_config(cfg).replace(vocab_size=vocab)
+    params = checkpoint.restore_policy_params(tmp_path, model_cfg)  # value_head left unread
+    assert "value_head" not in params
+    with_head = {**params, "value_head": result.state.actor_params["value_head"]}
+    hf_io.save_params(with_head, model_cfg, tmp_path / "hf")  # dropped with a log line
+    _, loaded = hf_io.load_params(tmp_path / "hf", model_cfg)
+    assert fx.params_digest(loaded) == fx.params_digest(params)
+    assert fx.params_digest(params) == fx.params_digest(
+        {k: v for k, v in result.state.actor_params.items() if k != "value_head"}
+    )

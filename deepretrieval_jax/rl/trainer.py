@@ -5,9 +5,26 @@ One step (`_Run.step`):
   2. decode this host's rows and submit them to the reward pool (returns at once);
   3. while rewards are in flight: on device, assemble the RolloutBatch, recompute the actor's
      log-probs, the reference log-probs and the critic's values (all dispatched asynchronously);
-  4. join the rewards, place the scores into the batch, dispatch `ppo_update` (state donated);
+  4. join the rewards, place the scores into the batch, dispatch the advantages, then
+     `ppo_update` on them (state donated);
   5. fetch and log the PREVIOUS step's device metrics (async dispatch hygiene), check
      finiteness on the host and stop after `ppo.max_consecutive_skips` skipped steps in a row.
+
+Critic: `ppo.critic="separate"` trains a `ValueModel` (state.critic_params); "shared" makes the
+actor a `PolicyValueModel` (LM + value head on its trunk, one optimiser): its params, and so
+checkpoints, hold an extra `value_head` subtree that sampling, eval and HF export leave out.
+
+Timers (seconds, per step; `rl/phases.py` times device phases by completion fences on a
+background thread, so nothing here blocks the overlap of steps 3 and the reward wait):
+  time/generate_s        sampling + fetching this host's rows (synchronous);
+  time/dispatch_s        host time to dispatch step 3's device calls;
+  time/reward_wait_s     host wait for the rewards after step 3 was dispatched;
+  time/assemble_s, time/logprobs_s, time/ref_logprobs_s, time/values_s, time/advantages_s,
+  time/update_s          device time of each phase: its completion - max(the previous phase's
+                         completion, its dispatch), dispatch and first-call compilation included;
+  time/update_dispatch_s host time to dispatch the update and summarise the rewards;
+  time/update_wait_s     host wait for the step's metrics when they are logged (one step late);
+  time/step_s            wall time from this step's start to the next one's.
 
 Determinism and resume: the sampling key of step s is fold_in(key(seed), s); the data order is
 `setup.ShardedSampler` (state in the checkpoint metadata); mini-batch shuffling uses the
@@ -39,7 +56,13 @@ from deepretrieval_jax.data import backends, render
 from deepretrieval_jax.rewards.pool import PoolConfig, RewardPool
 from deepretrieval_jax.rewards.tasks import make_task
 from deepretrieval_jax.rl import rollout, setup
-from deepretrieval_jax.rl.state import PPOConfig, create_train_state, init_train_state
+from deepretrieval_jax.rl.phases import PhaseTimer
+from deepretrieval_jax.rl.state import (
+    PPOConfig,
+    create_train_state,
+    init_train_state,
+    policy_model,
+)
 from deepretrieval_jax.rl.update import make_jitted
 from deepretrieval_jax.sampler import Sampler, SamplingConfig, causal_lm_fns
 
@@ -94,6 +117,11 @@ def _prompts(spec, examples, tokenizer, max_len: int, what: str):
     if stats.dropped:
         logging.warning("%s: dropped %d of %d over-long prompts", what, stats.dropped, stats.total)
     return prompts
+
+
+def _lm_params(actor_params):
+    """The causal LM's params of an actor (a shared critic's `value_head` left out)."""
+    return {k: v for k, v in actor_params.items() if k != "value_head"}
 
 
 def _critic_params(cfg, actor_params, critic_model, mesh, rules, rng):
@@ -158,20 +186,21 @@ class _Run:
             raise ValueError(
                 f"train.prompts_per_step ({self.B}) must be divisible by data*fsdp ({dp})"
             )
-        self.actor = models.CausalLM(self.model_cfg)
-        self.critic = models.ValueModel(self.model_cfg)
+        self.actor = policy_model(self.ppo, self.model_cfg)  # + value head: shared critic
+        self.lm = models.CausalLM(self.model_cfg)  # what samples, is loaded and exported
+        self.critic = models.ValueModel(self.model_cfg) if self.ppo.separate_critic else None
         self.steps = make_jitted(self.ppo, self.actor, self.critic, self.mesh, self.rules)
         self.data = setup.ShardedSampler(len(self.train_prompts), self.B, cfg.data.shuffle_seed)
         self.ckpt = checkpoint.CheckpointManager(
             self.workdir / setup.CHECKPOINT_DIR, self.tc.max_to_keep, self.tc.async_checkpoint
         )
         self.state, self.start_step = self._init_or_restore()
-        self._update_s: dict[int, float] = {}
+        self.timer = PhaseTimer()
 
         sampler_kw = dict(
             token_bytes=None,
             mesh=self.mesh,
-            param_shardings=sharding.param_shardings(self.actor, self.mesh, sharding.SAMPLER_RULES),
+            param_shardings=sharding.param_shardings(self.lm, self.mesh, sharding.SAMPLER_RULES),
             batch_axes=("data", "fsdp"),
             prompt_buckets=tuple(cfg.data.prompt_buckets),
         )
@@ -206,11 +235,13 @@ class _Run:
         k_actor, k_critic, k_state = jax.random.split(rng, 3)
         if latest is not None:
             actor_abs = nn.meta.unbox(sharding.abstract_params(self.actor))
-            critic_abs = nn.meta.unbox(sharding.abstract_params(self.critic))
+            critic_abs = None
+            if self.critic is not None:
+                critic_abs = nn.meta.unbox(sharding.abstract_params(self.critic))
             abstract = jax.eval_shape(
                 functools.partial(create_train_state, self.ppo),
                 actor_abs,
-                critic_abs if self.ppo.use_critic else None,
+                critic_abs,
                 actor_abs,
                 jax.ShapeDtypeStruct((2,), jnp.uint32),
             )
@@ -225,8 +256,9 @@ class _Run:
             return state, latest
         actor_params = critic_params = None  # random init: one jitted init of everything
         if cfg.model.init_checkpoint or cfg.model.hf_path:
-            actor_params = setup.load_policy_params(cfg, self.actor, self.mesh, self.rules, k_actor)
-            if self.ppo.use_critic:
+            # LM weights only; a shared critic's value head starts fresh in init_train_state.
+            actor_params = setup.load_policy_params(cfg, self.lm, self.mesh, self.rules, k_actor)
+            if self.ppo.separate_critic:
                 critic_params = _critic_params(
                     cfg, actor_params, self.critic, self.mesh, self.rules, k_critic
                 )
@@ -262,7 +294,7 @@ class _Run:
         # Raw key data on the host: every process passes the same value, which the sampler
         # places on the global mesh (a single-device jax.Array cannot go there multi-host).
         rng = np.asarray(jax.random.key_data(rng))
-        out = sampler(self.state.actor_params, enc.tokens_BxP, enc.mask_BxP, rng)
+        out = sampler(_lm_params(self.state.actor_params), enc.tokens_BxP, enc.mask_BxP, rng)
         tokens, lengths = rollout.local_rows(out.tokens_BnxL), rollout.local_rows(out.lengths_Bn)
         reasons = rollout.local_rows(out.finish_reason_Bn)
         t_gen = time.perf_counter() - t0
@@ -278,23 +310,25 @@ class _Run:
         """Runs PPO step `step` (1-based); returns (device metrics, host metrics)."""
         t_step = time.perf_counter()
         # Sampling needs the previous update's params: wait for them here, so that the wait
-        # is logged as that step's update time rather than inflating this step's generation.
+        # does not inflate time/generate_s (the update's device time is its own phase).
         jax.block_until_ready(self.state.step)
-        self._update_s[step - 1] = time.perf_counter() - t_step
         idx = next(self.data)
         prompts = [self.train_prompts[i] for i in idx]
         rng = jax.random.fold_in(jax.random.key(self.cfg.seed), step)
         enc, out, pending, local, t_gen = self._sample_and_submit(self.sampler, prompts, rng)
 
         t0 = time.perf_counter()  # device work while the rewards are in flight
+        run, st = self.timer.run, self.state
         bt = self.steps.batch_shardings
         p_tok, p_mask = jax.device_put((enc.tokens_BxP, enc.mask_BxP), bt.tokens_BxT)
-        batch = self._assemble(p_tok, p_mask, out)
-        batch = batch.replace(old_logp_BxT=self.steps.logprobs(self.state, batch))
+        batch = run("assemble", self._assemble, p_tok, p_mask, out)
+        batch = batch.replace(old_logp_BxT=run("logprobs", self.steps.logprobs, st, batch))
         if self.ppo.use_ref:
-            batch = batch.replace(ref_logp_BxT=self.steps.ref_logprobs(self.state, batch))
-        if self.ppo.use_critic:
-            batch = batch.replace(old_values_BxT=self.steps.values(self.state, batch))
+            batch = batch.replace(
+                ref_logp_BxT=run("ref_logprobs", self.steps.ref_logprobs, st, batch)
+            )
+        if self.ppo.use_critic:  # the ValueModel, or the shared actor's value head
+            batch = batch.replace(old_values_BxT=run("values", self.steps.values, st, batch))
         t_dispatch = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -303,11 +337,11 @@ class _Run:
         scores, valid = rollout.result_arrays(results)
         scores, valid = setup.global_batch((scores, valid), self.mesh, self.rules)
         batch = batch.replace(scores_B=scores, valid_B=valid)
-        jax.block_until_ready(batch)
-        t_device = time.perf_counter() - t0  # ref/values/old log-probs beyond the reward wait
+        adv = run("advantages", self.steps.advantages, st, batch)
 
         t0 = time.perf_counter()
-        self.state, dev_metrics = self.steps.update(self.state, batch)
+        self.state, dev_metrics = self.steps.update(st, batch, adv)
+        self.timer.mark("update", t0, dev_metrics)  # not the state: the next update donates it
         completions, lengths, reasons = local
         summary = rollout.summarize_results(results, lengths, reasons, "", self.spec.reward_task)
         host = rollout.merge_summaries(rollout.allgather_json(summary))
@@ -315,12 +349,12 @@ class _Run:
                      if isinstance(v, (int, float))})  # fmt: skip
         gen_tokens = host["response/length_mean"] * self.B * self.n
         host.update({
-            "time/generate_s": t_gen, "time/reward_wait_s": t_reward,
-            "time/ref_values_dispatch_s": t_dispatch, "time/ref_values_after_reward_s": t_device,
+            "time/generate_s": t_gen, "time/reward_wait_s": t_reward, "time/dispatch_s": t_dispatch,
             "time/update_dispatch_s": time.perf_counter() - t0,
             "throughput/generate_tokens_per_s": gen_tokens / max(t_gen, 1e-9),
         })  # fmt: skip
         host["_t_step_start"] = t_step
+        host["_phases"] = self.timer.take()
         host["_tokens"] = gen_tokens + self.B * self.n * self.prompt_len
         host["_samples"] = completions[: self.tc.log_samples]
         return dev_metrics, host
@@ -336,12 +370,12 @@ class _Run:
         t_wait = time.perf_counter() - t0
         samples = host.pop("_samples")
         t_start, tokens = host.pop("_t_step_start"), host.pop("_tokens")
+        phases = host.pop("_phases").seconds()  # done: their metrics were just fetched
         values = {f"ppo/{k}": v for k, v in dev.items()}
         values["kl/mean"] = dev.get("kl_ref", 0.0)
         values.update(host)
         values["time/update_wait_s"] = t_wait
-        # Device time of the update beyond its dispatch (measured when step + 1 started).
-        values["time/update_s"] = self._update_s.pop(step, t_wait)
+        values.update({f"time/{name}_s": s for name, s in phases.items()})
         values["time/step_s"] = (time.perf_counter() if t_end is None else t_end) - t_start
         values["throughput/tokens_per_s"] = tokens / max(values["time/step_s"], 1e-9)
         self.writer.write(step, values)
@@ -388,6 +422,7 @@ class _Run:
         self.ckpt.save(step, self.state, {"data": self.data.get_state(), "step": step})
 
     def close(self):
+        self.timer.close()
         self.ckpt.close()
         self.pool.close()
         self.writer.close()
