@@ -69,3 +69,46 @@ def log_devices() -> None:
         [str(d) for d in jax.local_devices()],
         jax.device_count(),
     )
+
+
+def experiment_main(entry: str, *, distributed: bool = False, default_config: str | None = None):
+    """The whole body of a config-driven entry point: `--config`, `--workdir`, then `entry`.
+
+    Defines `--config` (an ml_collections config file, locked, `--config.a.b=v` overrides) and
+    `--workdir`; with `distributed`, also the multi-host flags `--distributed`,
+    `--coordinator_address`, `--num_processes`, `--process_id`. Then runs absl's app: joins the
+    JAX cluster if there is one, logs devices and the config, and calls `entry(config, workdir)`.
+
+    Args:
+      entry: "module.path:function", imported only after JAX is initialised.
+      distributed: whether the entry point may run multi-host.
+      default_config: a config file used when `--config` is not given.
+    """
+    import importlib
+
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config = config_flags.DEFINE_config_file(
+        "config", default_config, "Experiment config file.", lock_config=True
+    )
+    workdir = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, reports).")
+    flags.mark_flags_as_required(["workdir"] if default_config else ["config", "workdir"])
+    if distributed:
+        mode = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"], "Multi-host init.")
+        address = flags.DEFINE_string("coordinator_address", "", "host:port of process 0.")
+        count = flags.DEFINE_integer("num_processes", 0, "Processes in the job.")
+        index = flags.DEFINE_integer("process_id", -1, "This process's index.")
+
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        if distributed:
+            initialize_distributed(mode.value, address.value, count.value, index.value)
+        log_devices()
+        module_name, fn_name = entry.split(":")
+        fn = getattr(importlib.import_module(module_name), fn_name)
+        logging.info("Config:\n%s", config.value)
+        fn(config.value, workdir.value)
+
+    app.run(main)
