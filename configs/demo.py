@@ -1,20 +1,20 @@
 """The CPU main job: cold-start SFT, then PPO of a small Qwen2-architecture policy on SciFact.
 
-Launch (2 CPU cores; SciFact in BEIR layout under $DEEPRETRIEVAL_DATA_DIR/scifact):
-    export DEEPRETRIEVAL_DATA_DIR=../shared/data
+Launch (2 CPU cores): `bash launch/demo.sh` (venv, data dir, then every stage below in one
+workdir: deepretrieval_jax/demo.py), or the stages by hand:
+    export DEEPRETRIEVAL_DATA_DIR=../shared/data    # holds scifact/ in BEIR layout
     python launch/sft.py   --config=configs/demo.py --workdir=/tmp/demo_sft
     python launch/train.py --config=configs/demo.py --workdir=/tmp/demo \
         --config.model.init_checkpoint=/tmp/demo_sft/checkpoints
-Expected: under ~15 minutes in all on 2 CPU cores. The policy is randomly initialised (no
-pretrained weights on CPU), so SFT teaches it the answer format from the claims themselves
-(completion = `<answer>{"query": "<claim>"}</answer>`), and PPO rewards it with 0.1 + NDCG@50
-from local BM25 (k1=1.2 b=0.75; -2 for a broken format); validation is greedy on SciFact's
-test claims. Curves: WORKDIR/reward_curve.png.
-Measured with these values (2 shared cores, load ~10): SFT 150 steps 4.2 min (loss 11.9 ->
-3.4), PPO 40 steps 4.7 min (~4.5 s/step); train reward -0.88 -> -0.25..-0.6 as the format-ok
-rate rose 0.56 -> 0.75-0.88, but NDCG stayed ~0: the 2-layer model does not yet copy the claim
-(greedy validation repeats "the"). Needs tuning (more SFT, a wider model) before it shows
-retrieval gains.
+The policy is randomly initialised (no pretrained weights on CPU), so SFT teaches it the answer
+format from the claims themselves (completion = `<answer>{"query": "<claim>"}</answer>`), and
+PPO rewards it with 0.1 + NDCG@50 from local BM25 (k1=1.2 b=0.75; -2 for a broken format);
+validation is greedy on SciFact's test claims. Curves: WORKDIR/reward_curve.png.
+Measured (docs/demo_results.md; 2 cores shared with other jobs, load 8-14): the whole demo
+25 min wall, 7.8 min CPU time. 400 SFT steps (150 left the model unable to copy the claim:
+greedy decoding repeated "the", 98% format errors) -> PPO train reward -0.24 -> -0.07 over
+40 steps (z = 2.1 against per-step noise), sampled format errors 18% -> 11%; greedy NDCG@10
+0.04 vs 0.686 for the original query: the tiny policy learns the format, not the retrieval.
 """
 
 import ml_collections
@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             remat=False,
         )
     )
-    cfg.model.compact_vocab = True  # ~8k ids the SciFact texts use (full vocab: ~20x slower)
+    cfg.model.compact_vocab = True  # ~4.1k ids the SciFact texts use (full vocab: ~20x slower)
     cfg.data.task = "scifact_no_reason"  # short completions: <answer>{"query": ...}</answer>
     cfg.data.data_dir = ""  # "" = $DEEPRETRIEVAL_DATA_DIR (holds scifact/)
     cfg.data.max_prompt_len = 256  # tokens
@@ -58,7 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.train.val_every = 10
     cfg.train.checkpoint_every = 10
     cfg.train.async_checkpoint = False
-    cfg.sft.num_steps = 150  # cold start
+    cfg.sft.num_steps = 400  # cold start (150: the model does not learn to copy the claim)
     cfg.sft.batch_size = 16
     cfg.sft.lr = 3e-3
     cfg.sft.warmup_steps = 10
