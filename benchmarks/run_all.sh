@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 if [ -z "${VIRTUAL_ENV:-}" ] && [ -x .venv/bin/python ]; then . .venv/bin/activate; fi
 DATA="${DEEPRETRIEVAL_DATA_DIR:-../shared/data}/scifact"
 OUT=${REUSE_OUT:-$(mktemp -d)}  # REUSE_OUT=DIR: rewrite the doc from a previous run's outputs
+# RERUN_SERVE=1 with REUSE_OUT: run only the serving benchmark again, keep the other outputs.
 QUICK=${QUICK:-0}
 echo "outputs in $OUT" >&2
 
@@ -50,8 +51,12 @@ else
   run reward_pool python benchmarks/reward_pool.py
   run bm25_scifact python benchmarks/bm25_scifact.py --data="$DATA"
 fi
-if [ -z "${REUSE_OUT:-}" ] && [ -f benchmarks/serve.py ]; then
-  run serve python benchmarks/serve.py
+if [ -z "${REUSE_OUT:-}" ] || [ -n "${RERUN_SERVE:-}" ]; then
+  if [ "$QUICK" = 1 ]; then
+    run serve python benchmarks/serve.py --requests=16 --clients=1,8 --layers_0_5b=2
+  else
+    run serve python benchmarks/serve.py
+  fi
 fi
 
 DOC=docs/benchmarks.md

@@ -62,7 +62,9 @@ async def drive(policy, clients: int, requests: int, max_batch: int, prompts) ->
     from deepretrieval_jax.serving import server
     from deepretrieval_jax.serving.scheduler import SchedulerConfig
 
-    sched = SchedulerConfig(max_batch=max_batch, max_wait_ms=5.0, max_queue=1024)
+    # Closed-loop clients queue every request at once; on a loaded 2-core CPU the 0.5B shape's
+    # queue takes minutes to drain, so the service's 120 s default would turn slow into failed.
+    sched = SchedulerConfig(max_batch=max_batch, max_wait_ms=5.0, max_queue=1024, timeout_s=3600)
     service = server.Service(policy, server.ServerConfig(scheduler=sched))
     runner = web.AppRunner(server.make_app(service))
     await runner.setup()
