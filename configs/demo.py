@@ -10,9 +10,10 @@ The policy is randomly initialised (no pretrained weights on CPU), so SFT teache
 format from the claims themselves (completion = `<answer>{"query": "<claim>"}</answer>`), and
 PPO rewards it with 0.1 + NDCG@50 from local BM25 (k1=1.2 b=0.75; -2 for a broken format);
 validation is greedy on SciFact's test claims. Curves: WORKDIR/reward_curve.png.
-Measured (docs/demo_results.md): the whole demo 4.6 min wall on 2 nearly idle cores, 25 min
-with the cores shared (load 8-14); 7.8 min CPU time. 400 SFT steps (150 left the model unable to copy the claim:
-greedy decoding repeated "the", 98% format errors) -> PPO train reward -0.24 -> -0.07 over
+Expected (measured, docs/demo_results.md): the whole demo 4.6 min wall on 2 nearly idle cores,
+25 min with the cores shared (load 8-14); 7.8 min CPU time. 400 SFT steps (150 left the model
+unable to copy the claim: greedy decoding repeated "the", 98% format errors) -> PPO train
+reward -0.24 -> -0.07 over
 40 steps (z = 2.1 against per-step noise), sampled format errors 18% -> 11%; greedy NDCG@10
 0.04 vs 0.686 for the original query: the tiny policy learns the format, not the retrieval.
 """
