@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from tiny_models import save_tiny_policy
+from tiny_models import save_tiny_policy, write_tiny_scifact
 
 from deepretrieval_jax.data.tasks import get_task
 from deepretrieval_jax.serving import policy as policy_lib
@@ -27,21 +27,8 @@ def policy_dir(tmp_path_factory):
     return save_tiny_policy(tmp_path_factory.mktemp("rewrite_policy"))
 
 
-def write_corpus(root: Path) -> Path:
-    (root / "scifact").mkdir(parents=True)
-    docs = [
-        ("d1", "Vitamin D and bones", "Vitamin D supplements reduce fractures in older adults."),
-        ("d2", "Aspirin", "Aspirin lowers the risk of a heart attack."),
-        ("d3", "Sleep", "Short sleep is linked to obesity."),
-    ]
-    with open(root / "scifact" / "corpus.jsonl", "w") as f:
-        for i, t, x in docs:
-            f.write(json.dumps({"_id": i, "title": t, "text": x}) + "\n")
-    return root
-
-
 def test_cli_json_output_on_the_tiny_model(policy_dir, tmp_path):
-    data = write_corpus(tmp_path / "data")
+    data = write_tiny_scifact(tmp_path / "data")
     stdin = 'Vitamin D reduces fractures\n\n{"id": "q7", "input": "aspirin and heart attack"}\n'
     cmd = [
         sys.executable, str(ROOT / "launch" / "rewrite.py"), f"--policy={policy_dir}",

@@ -8,12 +8,11 @@ number of sampler calls does not depend on timing.
 
 import asyncio
 import contextlib
-import json
 
 import aiohttp
 import pytest
 from aiohttp import web
-from tiny_models import save_tiny_policy
+from tiny_models import save_tiny_policy, write_tiny_scifact
 
 from deepretrieval_jax.data.tasks import get_task
 from deepretrieval_jax.serving import policy as policy_lib
@@ -38,17 +37,7 @@ def policy(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpora")
-    (root / "scifact").mkdir()
-    docs = [
-        ("d1", "Vitamin D and bones", "Vitamin D supplements reduce fractures in older adults."),
-        ("d2", "Aspirin", "Aspirin lowers the risk of a heart attack."),
-        ("d3", "Sleep", "Short sleep is linked to obesity."),
-    ]
-    with open(root / "scifact" / "corpus.jsonl", "w") as f:
-        for i, t, x in docs:
-            f.write(json.dumps({"_id": i, "title": t, "text": x}) + "\n")
-    return root
+    return write_tiny_scifact(tmp_path_factory.mktemp("corpora"))
 
 
 @contextlib.asynccontextmanager

@@ -8,6 +8,9 @@ Llama model whose every weight (biases and norm scales included) is random, save
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -161,3 +164,17 @@ def save_tiny_policy(path, seed: int = 0):
     hf_io.save_params(random_params(CausalLM(config), config, seed, scale=0.5), config, path)
     save_tiny_tokenizer(path)
     return path
+
+
+def write_tiny_scifact(root: Path) -> Path:
+    """A 3-document BEIR corpus at ROOT/scifact/corpus.jsonl (the rewrite/serve tests' corpus)."""
+    (root / "scifact").mkdir(parents=True, exist_ok=True)
+    docs = [
+        ("d1", "Vitamin D and bones", "Vitamin D supplements reduce fractures in older adults."),
+        ("d2", "Aspirin", "Aspirin lowers the risk of a heart attack."),
+        ("d3", "Sleep", "Short sleep is linked to obesity."),
+    ]
+    with open(root / "scifact" / "corpus.jsonl", "w") as f:
+        for i, t, x in docs:
+            f.write(json.dumps({"_id": i, "title": t, "text": x}) + "\n")
+    return root
