@@ -93,7 +93,7 @@ def _llama_cpp_permute(w, heads):
     )
 
 
-def write_gguf(path, model, raw_tok, *, qtype="F32", pre="smollm", arch=None, skip=()):
+def write_gguf(path, model, raw_tok, *, qtype="F32", pre="smollm", arch=None, skip=(), extra=None):
     """Writes `model` + tokenizer as a GGUF file laid out as llama.cpp's converter does."""
     cfg = model.config
     arch = arch or cfg.model_type
@@ -144,6 +144,8 @@ def write_gguf(path, model, raw_tok, *, qtype="F32", pre="smollm", arch=None, sk
         else:
             kind = gguf.GGMLQuantizationType[qtype]
             writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+    for name, data in (extra or {}).items():
+        writer.add_tensor(name, data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -252,6 +254,14 @@ def test_errors_name_the_file_and_what_was_expected(tmp_path, raw_tokenizer):
     ):
         import_gguf(missing, tmp_path / "c")
     assert not (tmp_path / "c" / "config.json").exists()
+    stray = {"blk.0.extra.weight": np.ones(4, np.float32)}
+    surplus = write_gguf(tmp_path / "more.gguf", model, raw_tokenizer, extra=stray)
+    with pytest.raises(GGUFImportError, match=r"more\.gguf: 1 tensors do not fit .*blk\.0\.extra"):
+        import_gguf(surplus, tmp_path / "d")
+    freqs = {"rope_freqs.weight": np.ones(8, np.float32)}  # Llama 3.1+ RoPE scaling
+    scaled = write_gguf(tmp_path / "l31.gguf", model, raw_tokenizer, extra=freqs)
+    with pytest.raises(GGUFImportError, match=r"l31\.gguf: RoPE frequency scaling"):
+        import_gguf(scaled, tmp_path / "e")
 
 
 def test_packaged_gguf_finds_the_file_without_importing(tmp_path, monkeypatch):
