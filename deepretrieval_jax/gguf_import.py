@@ -54,6 +54,10 @@ _GPT2_PRE_TYPES = ("default", "gpt2", "gpt-2", "mpt", "olmo", "jais")
 # Chat end tokens that end generation besides the file's eos token, when the vocabulary has them.
 END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|eom_id|>")
 
+# config.json key -> GGUF `tokenizer.ggml.*` key of the special token ids copied over.
+_SPECIAL_IDS = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id"}
+_SPECIAL_IDS["pad_token_id"] = "padding_token_id"
+
 
 class GGUFImportError(ValueError):
     """A GGUF file is missing, not GGUF, or describes a model this importer cannot convert."""
@@ -272,12 +276,10 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype:
         )
     params = read_tensors(reader, config, path)
     eos = eos_ids(meta, tok)
-    keys = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id"}
-    keys["pad_token_id"] = "padding_token_id"
     special = {
-        k: int(meta[f"tokenizer.ggml.{v}"])
-        for k, v in keys.items()
-        if f"tokenizer.ggml.{v}" in meta
+        hf_key: int(meta[f"tokenizer.ggml.{key}"])
+        for hf_key, key in _SPECIAL_IDS.items()
+        if f"tokenizer.ggml.{key}" in meta
     }
     generation = {**special, "eos_token_id": eos}
     out = hf_io.save_params(
