@@ -149,7 +149,7 @@ class PubMedBackend(HttpBackend):
         while len(ids) < top_k and retstart <= MAX_RETSTART:
             retmax = min(self.config.page_size, top_k - len(ids), MAX_WINDOW - retstart)
             page = {**params, "retmax": str(retmax), "retstart": str(retstart)}
-            count, page_ids = self._parse(await self.http.get_json("esearch.fcgi", page))
+            count, page_ids = await self.http.get_json("esearch.fcgi", page, self._parse)
             for pmid in page_ids:
                 if pmid not in seen and len(ids) < top_k:
                     seen.add(pmid)
