@@ -77,7 +77,7 @@ class SQLConfig:
     max_rows: int = 10_000  # More rows -> SQLResultTooLarge.
     max_query_chars: int = 10_000
     progress_ops: int = 1000  # VM instructions between deadline checks.
-    max_value_bytes: int = 1_000_000  # Largest string/blob a query may build (memory guard).
+    max_value_bytes: int = 100_000  # Largest string/blob a query may build (memory guard).
     max_result_bytes: int = 50_000_000  # Result size cap (text/blob bytes, 8 per number).
     max_printf_width: int = 10_000  # Largest printf/format width or precision.
 
