@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 from search_fakes import write_beir
 
+from deepretrieval_jax.rewards import PoolConfig, RewardPool, RewardRequest, make_tasks
 from deepretrieval_jax.rewards.cache import ResultCache
 from deepretrieval_jax.search.base import DataFileError
 from deepretrieval_jax.search.bm25 import BM25Index
 from deepretrieval_jax.search.manifest import MANIFEST
+from deepretrieval_jax.search.sql import SQLBackend
 
 
 @pytest.fixture
@@ -96,3 +98,21 @@ def test_corrupt_cache_entry_is_an_error_naming_the_file(tmp_path):
     conn.close()
     with pytest.raises(DataFileError, match="cache.db"):
         ResultCache("replay", str(path)).get("k")
+
+
+def test_corrupt_task_database_stops_the_reward_batch_naming_the_file(tmp_path):
+    """Issue 14: a corrupt SQL task database was scored as the policy's execution error."""
+    good, bad = tmp_path / "good.sqlite", tmp_path / "bad.sqlite"
+    conn = sqlite3.connect(good)
+    conn.execute("CREATE TABLE t (x INTEGER)")
+    conn.commit()
+    conn.close()
+    bad.write_bytes(b"\0" * 4096)
+    completion = '<think>t</think><answer>{"sql": "SELECT x FROM t"}</answer>'
+    pool = RewardPool({"sql": SQLBackend()}, make_tasks({"bird": None}), PoolConfig())
+    with pool:
+        ok = pool.score([RewardRequest("bird", completion, [], {"db_path": str(good)})])
+        assert ok[0].valid and ok[0].bucket == "match"
+        requests = [RewardRequest("bird", completion, [], {"db_path": str(p)}) for p in (good, bad)]
+        with pytest.raises(DataFileError, match="bad.sqlite"):
+            pool.score(requests)
