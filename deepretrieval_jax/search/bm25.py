@@ -186,7 +186,8 @@ class BM25Index:
                 f"{index_dir} holds an index built with other settings ({', '.join(differ)}); "
                 "use another index_dir or delete it"
             )
-        return cls.load(index_dir, mmap=True, **{k: wanted[k] for k in _QUERY_TIME})
+        overrides = {k: wanted[k] for k in _QUERY_TIME}
+        return cls.load(index_dir, mmap=True, verify=False, **overrides)  # Verified just above.
 
     def save(self, index_dir: str) -> None:
         os.makedirs(index_dir, exist_ok=True)
@@ -202,13 +203,17 @@ class BM25Index:
         write_manifest(index_dir)
 
     @classmethod
-    def load(cls, index_dir: str, mmap: bool = True, **overrides: Any) -> BM25Index:
-        """Loads a saved index (memory-mapped by default). `overrides` change query-time
-        options (default_operator, malformed, top_k, max_query_chars), never the analyzer."""
+    def load(
+        cls, index_dir: str, mmap: bool = True, *, verify: bool = True, **overrides: Any
+    ) -> BM25Index:
+        """Loads a saved index (memory-mapped by default), checking its manifest unless
+        `verify=False`. `overrides` change query-time options (default_operator, malformed,
+        top_k, max_query_chars), never the analyzer."""
         path = os.path.join(index_dir, "analyzer.json")
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: not a saved BM25Index directory")
-        verify_manifest(index_dir)
+        if verify:
+            verify_manifest(index_dir)
         where = path
         try:
             with open(path, encoding="utf-8") as f:
