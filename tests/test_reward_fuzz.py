@@ -29,6 +29,7 @@ from deepretrieval_jax.search.sql import SQLBackend, SQLConfig
 BATCH_BOUND_S = 3.0  # Generous for a loaded 2-core CI machine; typical batches take ~10 ms.
 PARSE_BOUND_S = 0.05
 
+RUNAWAY = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
 _HOSTILE = [
     "```" + " " * 4096,  # Unclosed fence over whitespace (cubic under the old regex).
     "<answer>" * 3000,
@@ -38,7 +39,7 @@ _HOSTILE = [
     "[" * 2000,
     '"' * 501,
     "printf('%.*c', 200000000, 'x')",
-    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c",
+    RUNAWAY,
     "zeroblob(100000000)",
     "\\u00e9\\n\\t",
 ]
@@ -149,6 +150,7 @@ def _requests(pool, completion):
 @example(completion=_answer(json.dumps({"query": "(" * 400 + "a AND b", "sql": "x"})))
 @example(completion=_answer(json.dumps({"query": "NOT " * 995 + "x", "sql": "x"})))
 @example(completion=_answer(json.dumps({"sql": " || ".join(["printf('%.*c', 2e8, 'x')"] * 9)})))
+@example(completion=_answer(json.dumps({"sql": RUNAWAY})))  # Runaway CTE: 0.2 s limit.
 def test_random_completions_are_scored_as_policy_outcomes_within_bounds(pool, completion):
     start = time.perf_counter()
     for key in ("query", "sql"):
