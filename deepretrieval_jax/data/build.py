@@ -48,6 +48,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     p.add_argument("--split", action="append", required=True, help="SPLIT=PATH (repeatable)")
     p.add_argument("--data_dir", default=os.environ.get("DEEPRETRIEVAL_DATA_DIR", ""))
     p.add_argument("--db_root", default=None)
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a dataset already built under the name"
+    )
     args = p.parse_args(argv)
     if not args.data_dir:
         p.error("--data_dir is empty and $DEEPRETRIEVAL_DATA_DIR is not set")
@@ -57,7 +60,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
         if not sep or not split or not path:
             p.error(f"--split expects SPLIT=PATH, got {item!r}")
         splits[split] = reader(args.format, split, path, args.db_root)
-    out = build_examples(args.name, splits, args.data_dir)
+    try:
+        out = build_examples(args.name, splits, args.data_dir, overwrite=args.overwrite)
+    except FileExistsError as e:
+        p.error(str(e))
     print(out)
     return out
 
