@@ -378,11 +378,10 @@ def run(cfg, workdir: str | os.PathLike) -> EvalReport:
     from deepretrieval_jax import eval_report
     from deepretrieval_jax.config import resolve_data_dir
     from deepretrieval_jax.data import backends
-    from deepretrieval_jax.data.tasks import get_task
     from deepretrieval_jax.rl import setup
 
     e = cfg.eval
-    spec = get_task(cfg.data.task)
+    spec = setup.task_spec(cfg)
     data_dir = resolve_data_dir(cfg.data.data_dir)
     examples = list(setup.load_examples(cfg, spec, e.split))
     if e.num_examples > 0:
@@ -392,10 +391,7 @@ def run(cfg, workdir: str | os.PathLike) -> EvalReport:
     decode = DecodeSpec(e.temperature, e.top_p, e.top_k, e.seed, cfg.sampling.max_new_tokens)
     kwargs: dict[str, Any] = {}
     if spec.family == "evidence":  # answer matching reads the passages' texts
-        from deepretrieval_jax.data.converters import iter_beir_corpus
-
-        corpus = data_dir / spec.corpus / "corpus.jsonl"
-        kwargs["passages"] = {i: text for i, _, text in iter_beir_corpus(corpus)}
+        kwargs["passages"] = backends.task_passages(spec, data_dir)
     if e.method == "policy":
         kwargs["generate_fn"], kwargs["tokenizer"] = _policy(cfg, decode)
     logging.info(
