@@ -151,7 +151,7 @@ def reward_config() -> ml_collections.ConfigDict:
                 )
             ),
             # Overrides of the task's search-backend options (TaskSpec.backend_opts), e.g.
-            # k1, b, top_k for BM25.
+            # k1, b, top_k for BM25; base_url for PubMed / CT.gov (a local stand-in).
             search_opts=ml_collections.ConfigDict(),
             rate_per_s=0.0,  # HTTP backends: token-bucket requests/s; 0 = backend default
             api_key_env="",  # env var holding the search API key (PubMed: NCBI_API_KEY)

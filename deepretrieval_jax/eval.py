@@ -406,7 +406,15 @@ def run(cfg, workdir: str | os.PathLike) -> EvalReport:
         report.settings["index_opts"] = {**spec.index_opts(), **index_overrides}
     out_dir = Path(workdir) / "eval"
     paths = eval_report.write_report(report, out_dir)
-    if e.method == "policy" and e.get("compare_baseline", False):
+    if spec.family == "sql" and e.get("compare_baseline", False):
+        logging.info(
+            "%s: SQL has no 'original query' baseline; compare_baseline skipped", spec.name
+        )
+    elif e.method == "policy" and e.get("compare_baseline", False):
+        if spec.backend in ("pubmed", "ctgov"):
+            # An HTTP client's rate limiter belongs to the event loop it first ran on, and each
+            # evaluate() runs its own loop: the baseline gets a client of its own.
+            backend = backends.task_backend(spec, data_dir, index_overrides)
         baseline = evaluate(
             spec, examples, backend, split=e.split, search_opts=search_opts,
             concurrency=e.concurrency, passages=kwargs.get("passages"),
