@@ -17,9 +17,18 @@ Invariants:
   are ranked by the BM25 score of the query's positive (not negated) terms, ties by corpus order.
   Malformed Boolean falls back to bag-of-words over the same words (`malformed="fallback"`,
   default) or raises `QueryRejected` (`malformed="reject"`).
-- Date filter (`mindate`/`maxdate`, YYYY[/MM[/DD]]): applies only when the corpus metadata has
+- PubMed syntax: a document's title is its text before the first newline (BEIR: title + "\n" +
+  text; no newline, no title). `[ti]`/`[title]` match in the title, `[ab]`/`[abstract]` in the
+  rest, `[tiab]`, `[tw]`, `[all]` anywhere; `word*` is a prefix search over the index
+  vocabulary (analysed terms starting with the lower-cased or stemmed prefix, the first
+  `max_prefix_terms` in alphabetical order, as PubMed caps truncation; a capped expansion is
+  counted as `prefix_capped`). A field the corpus lacks (`[pt]`, `[mh]`, ...) raises
+  `QueryRejected` (`unsupported="reject"`, default) or is searched as plain text and counted
+  in `BM25Index.ignored` (`unsupported="ignore"`); never silently.
+- Date filter (`mindate`/`maxdate`, YYYY[/MM[/DD]]): applies when the corpus metadata has
   dates (`date`, `pub_date`, `pubdate` or `year`); documents without a date are then excluded.
-  Without any dates in the corpus the filter is ignored.
+  On a corpus without dates it raises a non-retryable `BackendError` (a data/config problem,
+  not the policy's; `unsupported="reject"`) or is ignored and counted (`"ignore"`).
 - `BM25Backend.search` runs the (CPU-bound) search in a worker thread; empty and oversize
   queries raise `QueryRejected`; failures are exceptions, never an empty list.
 """
@@ -27,10 +36,13 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import bisect
+import collections
 import dataclasses
 import json
 import os
 import re
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -39,7 +51,7 @@ import numpy as np
 import Stemmer
 
 from deepretrieval_jax.search import query_syntax as qs
-from deepretrieval_jax.search.base import QueryRejected, SearchBackend, check_query
+from deepretrieval_jax.search.base import BackendError, QueryRejected, SearchBackend, check_query
 
 # Lucene's classic English stopword set (EnglishAnalyzer / Anserini default).
 LUCENE_STOPWORDS = (
@@ -59,17 +71,28 @@ class BM25Config:
     malformed: str = "fallback"  # "fallback" (bag-of-words) or "reject" (QueryRejected).
     top_k: int = 1000
     max_query_chars: int = 4000
+    unsupported: str = "reject"  # Syntax the corpus cannot honour: "reject" or "ignore" (counted).
+    max_prefix_terms: int = 600  # Vocabulary terms a truncated word expands to (PubMed: 600).
 
     def __post_init__(self):
         if self.stopwords not in ("lucene", "en_plus", "none"):
             raise ValueError(f"stopwords must be lucene|en_plus|none, got {self.stopwords!r}")
         if self.malformed not in ("fallback", "reject"):
             raise ValueError(f"malformed must be fallback|reject, got {self.malformed!r}")
+        if self.unsupported not in ("reject", "ignore"):
+            raise ValueError(f"unsupported must be reject|ignore, got {self.unsupported!r}")
         if self.default_operator not in ("AND", "OR"):
             raise ValueError(f"default_operator must be AND|OR, got {self.default_operator!r}")
 
 
-_QUERY_TIME = ("default_operator", "malformed", "top_k", "max_query_chars")
+_QUERY_TIME = (
+    "default_operator",
+    "malformed",
+    "top_k",
+    "max_query_chars",
+    "unsupported",
+    "max_prefix_terms",
+)
 
 
 class Analyzer:
@@ -125,7 +148,9 @@ def read_beir_corpus(corpus_dir: str) -> Iterable[tuple[str, str, int]]:
 class BM25Index:
     """A bm25s index plus what Boolean queries need (postings via the CSC matrix, positions)."""
 
-    def __init__(self, retriever, doc_ids, tokens, offsets, dates, config: BM25Config):
+    def __init__(
+        self, retriever, doc_ids, tokens, offsets, dates, config: BM25Config, title_lens=None
+    ):
         self.retriever = retriever
         self.doc_ids = list(doc_ids)
         self.tokens = tokens  # int32 [total analysed tokens], documents concatenated.
@@ -135,17 +160,24 @@ class BM25Index:
         self.analyzer = Analyzer(config)
         self.vocab: dict[str, int] = retriever.vocab_dict
         self.num_docs = len(self.doc_ids)
+        # int32 [num_docs]: analysed title tokens leading each document (None: not recorded).
+        self.title_lens = None if title_lens is None else np.asarray(title_lens, np.int32)
+        self.ignored: collections.Counter = collections.Counter()  # syntax not honoured
+        self._lock = threading.Lock()
+        self._terms: list[str] | None = None  # sorted vocabulary, for prefix searches
 
     @classmethod
     def build(cls, docs: Iterable[tuple], config: BM25Config | None = None) -> BM25Index:
         """Indexes (doc_id, text) or (doc_id, text, date) tuples."""
         config = config or BM25Config()
         analyzer = Analyzer(config)
-        doc_ids, analysed, dates = [], [], []
+        doc_ids, analysed, dates, title_lens = [], [], [], []
         for doc in docs:
             doc_ids.append(doc[0])
             analysed.append(analyzer(doc[1]))
             dates.append(doc[2] if len(doc) > 2 else 0)
+            title, newline, _ = doc[1].partition("\n")
+            title_lens.append(len(analyzer(title)) if newline else 0)
         if not doc_ids:
             raise ValueError("cannot build a BM25 index over an empty corpus")
         if len(set(doc_ids)) != len(doc_ids):
@@ -156,7 +188,8 @@ class BM25Index:
         lengths = np.array([len(a) for a in analysed], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         tokens = np.fromiter((vocab[t] for a in analysed for t in a), np.int32, int(offsets[-1]))
-        return cls(retriever, doc_ids, tokens, offsets, np.array(dates, np.int32), config)
+        dates = np.array(dates, np.int32)
+        return cls(retriever, doc_ids, tokens, offsets, dates, config, title_lens)
 
     @classmethod
     def from_beir(cls, corpus_dir: str, config: BM25Config | None = None) -> BM25Index:
@@ -190,6 +223,8 @@ class BM25Index:
         np.save(os.path.join(index_dir, "doc_offsets.npy"), np.asarray(self.offsets))
         dates = self.dates if self.dates is not None else np.zeros(self.num_docs, np.int32)
         np.save(os.path.join(index_dir, "doc_dates.npy"), dates)
+        if self.title_lens is not None:
+            np.save(os.path.join(index_dir, "doc_title_lens.npy"), self.title_lens)
         with open(os.path.join(index_dir, "doc_ids.json"), "w", encoding="utf-8") as f:
             json.dump(self.doc_ids, f)
         with open(os.path.join(index_dir, "analyzer.json"), "w", encoding="utf-8") as f:
@@ -210,7 +245,11 @@ class BM25Index:
         with open(os.path.join(index_dir, "doc_ids.json"), encoding="utf-8") as f:
             doc_ids = json.load(f)
         tokens, offsets = load("doc_tokens.npy"), load("doc_offsets.npy")
-        return cls(retriever, doc_ids, tokens, offsets, np.array(load("doc_dates.npy")), config)
+        titles = None  # an index saved before titles were recorded: no [ti]/[ab] fields
+        if os.path.exists(os.path.join(index_dir, "doc_title_lens.npy")):
+            titles = np.array(load("doc_title_lens.npy"))
+        dates = np.array(load("doc_dates.npy"))
+        return cls(retriever, doc_ids, tokens, offsets, dates, config, titles)
 
     # Query side.
 
@@ -231,10 +270,17 @@ class BM25Index:
             mask[self.retriever.scores["indices"][indptr[token_id] : indptr[token_id + 1]]] = True
         return mask
 
-    def phrase(self, ids: list[int]) -> np.ndarray:
+    def phrase(self, ids: list[int], field: str | None = None) -> np.ndarray:
+        """Documents holding the tokens `ids` consecutively, inside `field` (title, abstract)
+        when given."""
         mask = np.logical_and.reduce([self.postings(i) for i in ids])
+        if len(ids) == 1 and field is None:
+            return mask
         for d in np.flatnonzero(mask):
             doc = np.asarray(self.tokens[self.offsets[d] : self.offsets[d + 1]])
+            if field is not None:
+                cut = int(self.title_lens[d])
+                doc = doc[:cut] if field == "title" else doc[cut:]
             n = len(doc) - len(ids) + 1
             hit = (
                 n > 0
@@ -243,15 +289,58 @@ class BM25Index:
             mask[d] = bool(hit)
         return mask
 
+    def _count(self, what: str) -> None:
+        with self._lock:
+            self.ignored[what] += 1
+
+    def _field(self, tag: str | None) -> str | None:
+        """The field a tag restricts to ("title" | "abstract") or None (the whole document)."""
+        name = None if tag is None else qs.field_name(tag)
+        if tag is None or name in ("tiab", "all"):
+            return None
+        if name in ("title", "abstract") and self.title_lens is not None:
+            return name
+        if self.config.unsupported == "reject":
+            have = "title and abstract" if self.title_lens is not None else "one text field"
+            raise QueryRejected(f"field tag [{tag}] is not supported: this corpus has {have}")
+        self._count(f"field[{tag}]")
+        return None
+
+    def prefix_ids(self, prefix: str) -> list[int]:
+        """Vocabulary ids of the analysed terms starting with `prefix` (lower-cased or stemmed),
+        the first `max_prefix_terms` in alphabetical order."""
+        if self._terms is None:
+            self._terms = sorted(self.vocab)
+        starts = {prefix.lower(), *self.analyzer(prefix)[:1]}
+        found: set[str] = set()
+        for start in starts:
+            i = bisect.bisect_left(self._terms, start)
+            while i < len(self._terms) and self._terms[i].startswith(start):
+                found.add(self._terms[i])
+                i += 1
+        cap = self.config.max_prefix_terms
+        if len(found) > cap:
+            self._count("prefix_capped")
+        return [self.vocab[t] for t in sorted(found)[:cap]]
+
     def _match(self, node, positive: list[int], negated: bool = False) -> np.ndarray | None:
         """Candidate mask for `node`; None when the node holds no searchable term."""
         if isinstance(node, (qs.Term, qs.Phrase)):
-            ids = self.token_ids(node.text)
+            text, tag, prefix = qs.split_field(node.text)
+            field = self._field(tag)
+            if prefix and isinstance(node, qs.Term):
+                ids = self.prefix_ids(text)
+                if not negated:
+                    positive.extend(ids)
+                if not ids:
+                    return np.zeros(self.num_docs, bool)  # nothing starts so: no match
+                return np.logical_or.reduce([self.phrase([i], field) for i in ids])
+            ids = self.token_ids(text)
             if not negated:
                 positive.extend(ids)
             if not ids:
                 return None
-            return self.postings(ids[0]) if len(ids) == 1 else self.phrase(ids)
+            return self.phrase(ids, field)
         if isinstance(node, qs.Not):
             mask = self._match(node.child, positive, not negated)
             return None if mask is None else ~mask
@@ -262,7 +351,17 @@ class BM25Index:
         return op.reduce(masks)
 
     def _date_mask(self, mindate, maxdate) -> np.ndarray | None:
-        if self.dates is None or not (mindate or maxdate):
+        if not (mindate or maxdate):
+            return None
+        if self.dates is None:
+            if self.config.unsupported == "reject":
+                raise BackendError(
+                    f"date filter mindate={mindate!r} maxdate={maxdate!r} on a corpus without "
+                    "dates (metadata date/pub_date/pubdate/year); add dates or set "
+                    "unsupported='ignore'",
+                    retryable=False,
+                )
+            self._count("date_filter")
             return None
         low = parse_date(mindate) if mindate else 0
         high = parse_date(maxdate, upper=True) if maxdate else 99999999
