@@ -1,242 +1,37 @@
-"""Every task family end to end: data built with the documented converters, the reward path
-built from the family's config exactly as `launch/train.py` and `launch/eval.py` build it,
-and well-formed completions scored through it.
-
-For each family: one real PPO step (`rl.trainer.train`, the trainer's own backend and reward
-pool, a tiny random policy) whose sampled texts are replaced by scripted, well-formed answers
-before they reach the pool, so rewards must be valid and non-trivial; then `eval.run` with the
-policy's decoding replaced by the same script. PubMed runs against the local E-utilities
-stand-in (`search/serve.py`), ClinicalTrials.gov against a loopback fake (`search_fakes`),
-both on 127.0.0.1. Every family shares one model shape (byte-level tiny tokenizer, one prompt
-bucket), so the persistent compilation cache compiles the PPO programs once.
+"""Every task family's reward path on well-formed answers: data built with the documented
+converters, the trainer's reward pool built from the family's config exactly as
+`launch/train.py` builds it (`rl.trainer._Run._make_pool`), and `eval.run` as `launch/eval.py`
+runs it, with scripted answers in place of a policy's (tests/family_fixtures.py). The PPO step
+of each family: tests/test_family_ppo.py.
 """
 
-import asyncio
-import json
-import math
-import shutil
-import sqlite3
-import threading
 import types
 
-import jax
-import ml_collections
+import family_fixtures as ff
 import pytest
-import trainer_fixtures as fx
-from aiohttp import web
-from search_fakes import FakeCTGov
-from tiny_models import save_tiny_tokenizer
+from family_fixtures import (
+    FAMILIES,
+    N,
+    doc_index,
+    family_config,
+    key_text,
+    reward_requests,
+    scripted,
+)
 
-from configs import common, ctgov, eval_scifact, nq, pubmed, scifact, sql_bird
+from configs import eval_scifact
 from deepretrieval_jax import eval as eval_lib
-from deepretrieval_jax.data import backends, build, corpus, tasks
-from deepretrieval_jax.rl import rollout, setup, trainer
-from deepretrieval_jax.search import serve
-from deepretrieval_jax.search.bm25 import BM25Backend, BM25Index
-
-N = len(fx.DOCS)  # 8 examples per split = one global batch
-PROMPT_LEN = 1536  # the longest prompt (PICO) in bytes, rounded up: one shape for all
-PMIDS = [str(30_000_000 + i) for i in range(N)]
-NCTS = [f"NCT{i:08d}" for i in range(N)]
-ANSWERS = [t.split()[-1] for t in fx.DOCS]  # a word only passage i holds
-
-
-def words(i, n=3):
-    return " ".join(fx.DOCS[i].split()[:n])
-
-
-# task -> (config module, the scripted answer for example i, train reward, eval metric: value)
-FAMILIES = {
-    "scifact": (scifact, lambda i: words(i), 1.1, ("ndcg@10", 1.0)),
-    "scifact_dense": (scifact, lambda i: words(i, 6), 1.1, ("ndcg@10", 1.0)),
-    "msmarco_health": (scifact, lambda i: words(i), 1.1, ("ndcg@10", 1.0)),
-    "pubmed": (pubmed, lambda i: words(i).replace(" ", " AND "), 6.0, ("recall@3000", 1.0)),
-    "ctgov": (ctgov, lambda i: words(i).replace(" ", " AND "), 6.0, ("recall@3000", 1.0)),
-    "nq": (nq, lambda i: words(i), 6.0, ("hit@5", 1.0)),
-    "triviaqa": (nq, lambda i: words(i), 6.0, ("hit@5", 1.0)),
-    "squad": (nq, lambda i: words(i), 6.0, ("hit@5", 1.0)),
-    "bird": (sql_bird, lambda i: f"SELECT name FROM items WHERE id = {i}", 1.1,
-             ("execution_accuracy", 1.0)),
-    "spider": (sql_bird, lambda i: f"SELECT name FROM items WHERE id = {i}", 1.1,
-               ("execution_accuracy", 1.0)),
-}  # fmt: skip
-
-
-# --- Data, written the way docs/tasks.md says ------------------------------------------------
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def pico(i):
-    return {"P": fx.DOCS[i], "I": "none", "C": "none", "O": "none"}
-
-
-def build_data(root):
-    data = root / "data"
-    fx.write_beir(data)  # scifact/ (BEIR layout: read directly)
-    shutil.copytree(data / "scifact", data / "msmarco_health")
-    raw = root / "raw"
-    raw.mkdir()
-    cli = ["--data_dir", str(data)]
-    for name, field, ids in (
-        ("pubmed", "publication_pmids", PMIDS),
-        ("ctgov", "trial_nctids", NCTS),
-    ):
-        rows = [{"id": f"r{i}", "pico": pico(i), field: [ids[i]], "pub_date": "2020/01/01"}
-                for i in range(N)]  # fmt: skip
-        path = write_jsonl(raw / f"{name}.jsonl", rows)
-        splits = [f"--split=train={path}", f"--split=test={path}"]
-        build.main([f"--name={name}", "--format=pico_jsonl", *splits, *cli])
-    # Evidence: DPR passages -> wikipedia_dpr/, NQ qas csv, TriviaQA retriever json, SQuAD json.
-    tsv = raw / "psgs_w100.tsv"
-    tsv.write_text(
-        "id\ttext\ttitle\n" + "".join(f"p{i}\t{t}\tT{i}\n" for i, t in enumerate(fx.DOCS))
-    )
-    corpus.main(["--format=dpr_tsv", f"--out={data / 'wikipedia_dpr'}", str(tsv)])
-    qas = raw / "nq.csv"
-    qas.write_text("".join(f"{words(i)}\t['{ANSWERS[i]}']\n" for i in range(N)))
-    retriever = raw / "trivia.json"
-    retriever.write_text(
-        json.dumps([{"question": words(i), "answers": [ANSWERS[i]]} for i in range(N)])
-    )
-    squad = raw / "dev-v1.1.json"
-    paragraphs = [{"context": t, "qas": [{"id": f"s{i}", "question": words(i),
-                   "answers": [{"text": ANSWERS[i], "answer_start": t.rfind(ANSWERS[i])}]}]}
-                  for i, t in enumerate(fx.DOCS)]  # fmt: skip
-    squad.write_text(
-        json.dumps({"version": "1.1", "data": [{"title": "Health", "paragraphs": paragraphs}]})
-    )
-    corpus.main(["--format=squad_json", f"--out={data / 'squad_paragraphs'}", str(squad)])
-    for name, fmt, path in (("nq", "dpr_qas", qas), ("triviaqa", "dpr_json", retriever),
-                            ("squad", "squad_json", squad)):  # fmt: skip
-        build.main([f"--name={name}", f"--format={fmt}", f"--split=train={path}",
-                    f"--split=test={path}", *cli])  # fmt: skip
-    # SQL: one sqlite database per dataset root, questions in BIRD / Spider json.
-    for name, gold in (("bird", "SQL"), ("spider", "query")):
-        db = data / name / "shop" / "shop.sqlite"
-        db.parent.mkdir(parents=True)
-        with sqlite3.connect(db) as conn:
-            conn.execute("CREATE TABLE items (id INTEGER, name TEXT)")
-            conn.executemany("INSERT INTO items VALUES (?, ?)", [(i, f"n{i}") for i in range(N)])
-        items = [{"question": f"name of item {i}?", "db_id": "shop", "evidence": "",
-                  gold: f"SELECT name FROM items WHERE id = {i}"} for i in range(N)]  # fmt: skip
-        path = raw / f"{name}.json"
-        path.write_text(json.dumps(items))
-        build.main([f"--name={name}", f"--format={name}", f"--split=train={path}",
-                    f"--split=dev={path}", f"--split=test={path}", f"--db_root={data / name}",
-                    *cli])  # fmt: skip
-    return data
-
-
-class Servers:
-    """The PubMed stand-in (BM25 over the docs, as PMIDs) and a CT.gov fake, on one loop."""
-
-    def __init__(self):
-        index = BM25Index.build([(PMIDS[i], t) for i, t in enumerate(fx.DOCS)])
-        trials = BM25Index.build([(NCTS[i], t) for i, t in enumerate(fx.DOCS)])
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.runner = web.AppRunner(serve.make_app(BM25Backend(index)))
-        self.ctgov = FakeCTGov(results=lambda term: trials.search(term, top_k=100))
-        self._call(self.runner.setup())
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        self._call(site.start())
-        self.pubmed_url = f"http://127.0.0.1:{self.runner.addresses[0][1]}/entrez/eutils/"
-        self._call(self.ctgov.start())
-
-    def _call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
-
-    def close(self):
-        self._call(self.ctgov.stop())
-        self._call(self.runner.cleanup())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join()
-        self.loop.close()
+from deepretrieval_jax.rl import setup, trainer
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("families")
-    jax.config.update("jax_compilation_cache_dir", str(root / "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    save_tiny_tokenizer(root / "tok")
-    servers = Servers()
-    yield {"root": root, "data": build_data(root), "servers": servers}
-    servers.close()
-
-
-def family_config(task, env):
-    """The family's config file with the overrides a user passes on the command line."""
-    module = FAMILIES[task][0]
-    cfg = module.get_config()
-    cfg.data.task = task  # --config.data.task=...
-    cfg.data.data_dir = str(env["data"])
-    if task == "squad":
-        cfg.data.corpus = "squad_paragraphs"  # SQuAD over its own paragraphs
-    if task.endswith("_dense"):
-        cfg.reward.search_opts.model = "minilm"  # a small local encoder instead of bge-base
-    if task in ("pubmed", "ctgov"):
-        url = env["servers"].pubmed_url if task == "pubmed" else env["servers"].ctgov.base_url
-        cfg.reward.search_opts.base_url = url
-        cfg.reward.rate_per_s = 100.0
-    # The tiny policy (random init, byte-level tokenizer) and one small PPO step.
-    cfg.model.preset = "tiny"
-    cfg.model.overrides = ml_collections.ConfigDict(dict(
-        embed_dim=32, mlp_dim=64, num_layers=1, max_position_embeddings=2048, dtype="float32",
-        remat=False))  # fmt: skip
-    cfg.model.compact_vocab = False
-    cfg.tokenizer.name = str(env["root"] / "tok")
-    cfg.mesh = common.mesh_config(data=-1)
-    cfg.data.max_prompt_len = PROMPT_LEN
-    cfg.data.prompt_buckets = (PROMPT_LEN,)
-    cfg.sampling.max_new_tokens = 4
-    cfg.train.prompts_per_step = N
-    cfg.ppo.mini_batch_size = N
-    cfg.train.num_steps = 1
-    cfg.train.val_every = 0
-    cfg.train.async_checkpoint = False
-    cfg.logging.progress = False
-    cfg.logging.tensorboard = False
-    return cfg
-
-
-def key_text(spec, inp):
-    """The part of an example's input that appears verbatim in its prompt."""
-    if spec.input_format == "pico":
-        return inp["P"]
-    return inp["question"] if spec.input_format == "sql" else inp
-
-
-def doc_index(spec, text):
-    """Which document example input `text` (its key text) was written from."""
-    keys = {"pico": fx.DOCS, "sql": [f"name of item {i}?" for i in range(N)]}
-    return keys.get(spec.input_format, [words(i) for i in range(N)]).index(text)
-
-
-def scripted(spec, task, i):
-    """A well-formed completion (after the prompt's assistant prefix) for document i."""
-    answer = json.dumps({spec.answer_key: FAMILIES[task][1](i)})
-    return f"I will search.\n</think>\n<answer>{answer}</answer>"
-
-
-def reward_requests(cfg, spec, task, examples):
-    """The trainer's reward requests (`rl.rollout`) for scripted answers to `examples`."""
-    _, search_opts = backends.split_search_opts(spec, cfg.reward.search_opts)
-    texts = [scripted(spec, task, doc_index(spec, key_text(spec, ex.input))) for ex in examples]
-    return rollout.reward_requests(spec, examples, texts, 0, 1, search_opts)
+    yield from ff.make_env(tmp_path_factory)
 
 
 @pytest.fixture
 def family_env(env, monkeypatch):
-    monkeypatch.setenv("NCBI_API_KEY", "stand-in-key")  # configs/pubmed.py requires the key
-    monkeypatch.setenv("DEEPRETRIEVAL_CACHE_DIR", str(env["root"] / "cache"))
-    return env
+    return ff.prepare(env, monkeypatch)
 
 
 @pytest.mark.parametrize("task", list(FAMILIES))
@@ -277,33 +72,3 @@ def test_reward_path_scores_well_formed_answers(task, family_env, monkeypatch):
     assert report.aggregates["counts"]["ok"] == N, report.aggregates
     metric, value = FAMILIES[task][3]
     assert report.aggregates["metrics"][metric] == pytest.approx(value)
-
-
-# One task per registered family (tasks.FAMILIES) and the dense BEIR backend; SQuAD stands for
-# the evidence family (its data comes from the SQuAD json converter).
-PPO_TASKS = ["scifact", "scifact_dense", "msmarco_health", "pubmed", "ctgov", "squad", "bird"]
-
-
-def test_every_family_has_a_ppo_step():
-    covered = {tasks.get_task(t).family for t in PPO_TASKS}
-    assert covered == set(tasks.FAMILIES), set(tasks.FAMILIES) - covered
-
-
-@pytest.mark.parametrize("task", PPO_TASKS)
-def test_one_ppo_step_per_family(task, family_env, monkeypatch):
-    """A real PPO step; the sampled texts become scripted answers before the trainer's pool."""
-    env = family_env
-    cfg = family_config(task, env)
-    original = rollout.reward_requests
-
-    def scripted_requests(spec, exs, completions, row_start, n, search_opts):
-        inputs = [exs[(row_start + j) // n].input for j in range(len(completions))]
-        texts = [scripted(spec, task, doc_index(spec, key_text(spec, x))) for x in inputs]
-        return original(spec, exs, texts, row_start, n, search_opts)
-
-    monkeypatch.setattr(rollout, "reward_requests", scripted_requests)
-    result = trainer.train(cfg, env["root"] / "runs" / task)
-    m = result.last_metrics
-    assert result.step == 1 and m["reward/invalid_fraction"] == 0.0, m
-    assert m["reward/format_ok"] == 1.0 and m["reward/mean"] == pytest.approx(FAMILIES[task][2])
-    assert all(map(math.isfinite, (m["ppo/policy_loss"], m["ppo/grad_norm_actor"])))
