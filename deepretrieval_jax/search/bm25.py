@@ -8,8 +8,8 @@ Invariants:
 - The index is built once, saved, and memory-mapped on load (`BM25Index.load(dir, mmap=True)`);
   it is read-only afterwards, so concurrent searches in threads are safe.
 - Query semantics (`search/query_syntax.py`): a query without an operator (AND, OR, NOT, upper
-  case) is bag-of-words BM25 over the whole corpus, parentheses and quotes ignored (documents
-  with score 0 are not returned).
+  case), field tag or truncation is bag-of-words BM25 over the whole corpus, parentheses and
+  quotes ignored (documents with score 0 are not returned).
   Otherwise the Boolean expression selects the candidate set (AND = intersection, OR = union,
   NOT = difference, phrase = the analysed terms consecutive in the analysed document,
   stopwords removed; a word that analyses to several tokens, e.g. "covid-19", is a phrase;
