@@ -62,9 +62,7 @@ def data_config(task: str = "pubmed") -> ml_collections.ConfigDict:
         dict(
             task=task,  # TaskSpec name in deepretrieval_jax.data (prompt texts + reward family)
             data_dir="",  # root of the task files; "" = $DEEPRETRIEVAL_DATA_DIR
-            # local corpus directory under data_dir ("" = the task's own, e.g. wikipedia_dpr;
-            # SQuAD over its own paragraphs: "squad_paragraphs", see docs/tasks.md)
-            corpus="",
+            corpus="",  # corpus dir under data_dir; "" = the task's own (e.g. wikipedia_dpr)
             train_split="train",  # split the policy trains on
             val_split="test",  # split the greedy validation runs on
             max_prompt_len=500,  # tokens; longer prompts are dropped (original: filtered)

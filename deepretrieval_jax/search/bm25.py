@@ -17,14 +17,11 @@ Invariants:
   are ranked by the BM25 score of the query's positive (not negated) terms, ties by corpus order.
   Malformed Boolean falls back to bag-of-words over the same words (`malformed="fallback"`,
   default) or raises `QueryRejected` (`malformed="reject"`).
-- PubMed syntax: a document's title is its text before the first newline (BEIR: title + "\n" +
-  text; no newline, no title). `[ti]`/`[title]` match in the title, `[ab]`/`[abstract]` in the
-  rest, `[tiab]`, `[tw]`, `[all]` anywhere; `word*` is a prefix search over the index
-  vocabulary (analysed terms starting with the lower-cased or stemmed prefix, the first
-  `max_prefix_terms` in alphabetical order, as PubMed caps truncation; a capped expansion is
-  counted as `prefix_capped`). A field the corpus lacks (`[pt]`, `[mh]`, ...) raises
-  `QueryRejected` (`unsupported="reject"`, default) or is searched as plain text and counted
-  in `BM25Index.ignored` (`unsupported="ignore"`); never silently.
+- PubMed syntax (`search/fields.py`): `[ti]`/`[ab]` match the title (text before the first
+  newline) / the rest, `[tiab]`/`[tw]`/`[all]` anywhere; `word*` is a prefix search over the
+  vocabulary, capped at `max_prefix_terms`. A field the corpus lacks (`[pt]`, `[mh]`, ...)
+  raises `QueryRejected` (`unsupported="reject"`, default) or is searched as plain text and
+  counted in `BM25Index.ignored` (`unsupported="ignore"`); never silently.
 - Date filter (`mindate`/`maxdate`, YYYY[/MM[/DD]]): applies when the corpus metadata has
   dates (`date`, `pub_date`, `pubdate` or `year`); documents without a date are then excluded.
   On a corpus without dates it raises a non-retryable `BackendError` (a data/config problem,
@@ -36,7 +33,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import bisect
 import collections
 import dataclasses
 import json
@@ -50,6 +46,7 @@ import bm25s
 import numpy as np
 import Stemmer
 
+from deepretrieval_jax.search import fields
 from deepretrieval_jax.search import query_syntax as qs
 from deepretrieval_jax.search.base import BackendError, QueryRejected, SearchBackend, check_query
 
@@ -271,65 +268,20 @@ class BM25Index:
         return mask
 
     def phrase(self, ids: list[int], field: str | None = None) -> np.ndarray:
-        """Documents holding the tokens `ids` consecutively, inside `field` (title, abstract)
-        when given."""
-        mask = np.logical_and.reduce([self.postings(i) for i in ids])
-        if len(ids) == 1 and field is None:
-            return mask
-        for d in np.flatnonzero(mask):
-            doc = np.asarray(self.tokens[self.offsets[d] : self.offsets[d + 1]])
-            if field is not None:
-                cut = int(self.title_lens[d])
-                doc = doc[:cut] if field == "title" else doc[cut:]
-            n = len(doc) - len(ids) + 1
-            hit = (
-                n > 0
-                and np.logical_and.reduce([doc[j : j + n] == t for j, t in enumerate(ids)]).any()
-            )
-            mask[d] = bool(hit)
-        return mask
+        """Documents holding the tokens `ids` consecutively (inside `field` when given)."""
+        return fields.phrase_mask(self, ids, field)
 
-    def _count(self, what: str) -> None:
+    def count_ignored(self, what: str) -> None:
         with self._lock:
             self.ignored[what] += 1
-
-    def _field(self, tag: str | None) -> str | None:
-        """The field a tag restricts to ("title" | "abstract") or None (the whole document)."""
-        name = None if tag is None else qs.field_name(tag)
-        if tag is None or name in ("tiab", "all"):
-            return None
-        if name in ("title", "abstract") and self.title_lens is not None:
-            return name
-        if self.config.unsupported == "reject":
-            have = "title and abstract" if self.title_lens is not None else "one text field"
-            raise QueryRejected(f"field tag [{tag}] is not supported: this corpus has {have}")
-        self._count(f"field[{tag}]")
-        return None
-
-    def prefix_ids(self, prefix: str) -> list[int]:
-        """Vocabulary ids of the analysed terms starting with `prefix` (lower-cased or stemmed),
-        the first `max_prefix_terms` in alphabetical order."""
-        if self._terms is None:
-            self._terms = sorted(self.vocab)
-        starts = {prefix.lower(), *self.analyzer(prefix)[:1]}
-        found: set[str] = set()
-        for start in starts:
-            i = bisect.bisect_left(self._terms, start)
-            while i < len(self._terms) and self._terms[i].startswith(start):
-                found.add(self._terms[i])
-                i += 1
-        cap = self.config.max_prefix_terms
-        if len(found) > cap:
-            self._count("prefix_capped")
-        return [self.vocab[t] for t in sorted(found)[:cap]]
 
     def _match(self, node, positive: list[int], negated: bool = False) -> np.ndarray | None:
         """Candidate mask for `node`; None when the node holds no searchable term."""
         if isinstance(node, (qs.Term, qs.Phrase)):
             text, tag, prefix = qs.split_field(node.text)
-            field = self._field(tag)
+            field = fields.field_of(self, tag)
             if prefix and isinstance(node, qs.Term):
-                ids = self.prefix_ids(text)
+                ids = fields.prefix_ids(self, text)
                 if not negated:
                     positive.extend(ids)
                 if not ids:
@@ -361,7 +313,7 @@ class BM25Index:
                     "unsupported='ignore'",
                     retryable=False,
                 )
-            self._count("date_filter")
+            self.count_ignored("date_filter")
             return None
         low = parse_date(mindate) if mindate else 0
         high = parse_date(maxdate, upper=True) if maxdate else 99999999
