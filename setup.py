@@ -21,6 +21,7 @@ CORE = [
     "aiohttp>=3.10",
     "bm25s>=0.2.10",
     "PyStemmer>=2.2",
+    "regex>=2023.0",  # DPR / pyserini answer matching (Unicode property classes)
     # Data pipelines.
     "tensorflow-datasets>=4.9.8",
     "array-record>=0.7",

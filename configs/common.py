@@ -62,6 +62,7 @@ def data_config(task: str = "pubmed") -> ml_collections.ConfigDict:
         dict(
             task=task,  # TaskSpec name in deepretrieval_jax.data (prompt texts + reward family)
             data_dir="",  # root of the task files; "" = $DEEPRETRIEVAL_DATA_DIR
+            corpus="",  # corpus dir under data_dir; "" = the task's own (e.g. wikipedia_dpr)
             train_split="train",  # split the policy trains on
             val_split="test",  # split the greedy validation runs on
             max_prompt_len=500,  # tokens; longer prompts are dropped (original: filtered)
@@ -148,7 +149,7 @@ def reward_config() -> ml_collections.ConfigDict:
                 )
             ),
             # Overrides of the task's search-backend options (TaskSpec.backend_opts), e.g.
-            # k1, b, top_k for BM25.
+            # k1, b, top_k for BM25; base_url for PubMed / CT.gov (a local stand-in).
             search_opts=ml_collections.ConfigDict(),
             rate_per_s=0.0,  # HTTP backends: token-bucket requests/s; 0 = backend default
             api_key_env="",  # env var holding the search API key (PubMed: NCBI_API_KEY)

@@ -26,4 +26,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.reward.api_key_env = "NCBI_API_KEY"  # E-utilities key
     cfg.reward.pool.cache_mode = "record"  # live search, every result cached for replay
     cfg.train.num_steps = 1250  # 10 epochs at 64 prompts/step
+    cfg.reward.search_opts = ml_collections.ConfigDict(
+        dict(
+            base_url=""
+        )  # search service address (E-utilities; CT.gov in configs/ctgov.py); "" = public
+    )
     return cfg

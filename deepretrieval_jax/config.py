@@ -114,6 +114,7 @@ class DataConfig:
 
     task: str = "pubmed"  # TaskSpec name
     data_dir: str = ""  # "" = $DEEPRETRIEVAL_DATA_DIR
+    corpus: str = ""  # corpus directory under data_dir; "" = the task's own
     train_split: str = "train"
     val_split: str = "test"
     max_prompt_len: int = 500  # tokens

@@ -378,11 +378,10 @@ def run(cfg, workdir: str | os.PathLike) -> EvalReport:
     from deepretrieval_jax import eval_report
     from deepretrieval_jax.config import resolve_data_dir
     from deepretrieval_jax.data import backends
-    from deepretrieval_jax.data.tasks import get_task
     from deepretrieval_jax.rl import setup
 
     e = cfg.eval
-    spec = get_task(cfg.data.task)
+    spec = setup.task_spec(cfg)
     data_dir = resolve_data_dir(cfg.data.data_dir)
     examples = list(setup.load_examples(cfg, spec, e.split))
     if e.num_examples > 0:
@@ -392,10 +391,7 @@ def run(cfg, workdir: str | os.PathLike) -> EvalReport:
     decode = DecodeSpec(e.temperature, e.top_p, e.top_k, e.seed, cfg.sampling.max_new_tokens)
     kwargs: dict[str, Any] = {}
     if spec.family == "evidence":  # answer matching reads the passages' texts
-        from deepretrieval_jax.data.converters import iter_beir_corpus
-
-        corpus = data_dir / spec.corpus / "corpus.jsonl"
-        kwargs["passages"] = {i: text for i, _, text in iter_beir_corpus(corpus)}
+        kwargs["passages"] = backends.task_passages(spec, data_dir)
     if e.method == "policy":
         kwargs["generate_fn"], kwargs["tokenizer"] = _policy(cfg, decode)
     logging.info(
@@ -410,7 +406,15 @@ def run(cfg, workdir: str | os.PathLike) -> EvalReport:
         report.settings["index_opts"] = {**spec.index_opts(), **index_overrides}
     out_dir = Path(workdir) / "eval"
     paths = eval_report.write_report(report, out_dir)
-    if e.method == "policy" and e.get("compare_baseline", False):
+    if spec.family == "sql" and e.get("compare_baseline", False):
+        logging.info(
+            "%s: SQL has no 'original query' baseline; compare_baseline skipped", spec.name
+        )
+    elif e.method == "policy" and e.get("compare_baseline", False):
+        if spec.backend in ("pubmed", "ctgov"):
+            # An HTTP client's rate limiter belongs to the event loop it first ran on, and each
+            # evaluate() runs its own loop: the baseline gets a client of its own.
+            backend = backends.task_backend(spec, data_dir, index_overrides)
         baseline = evaluate(
             spec, examples, backend, split=e.split, search_opts=search_opts,
             concurrency=e.concurrency, passages=kwargs.get("passages"),

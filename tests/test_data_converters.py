@@ -114,6 +114,15 @@ def test_verl_parquet_recovers_input_from_prompt_and_graded_labels(tmp_path):
         C.read_verl_parquet(bad)
 
 
+def test_verl_parquet_keeps_fractional_grades_and_the_first_of_a_repeated_id(tmp_path):
+    rows = [_verl_row("<|im_start|>", ["d1", "d2", "d1"], 0, inp="claim", score=[0.5, 2, 1])]
+    path = tmp_path / "graded.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    (ex,) = C.read_verl_parquet(path)
+    assert ex.label == {"d1": 0.5, "d2": 2}
+    assert isinstance(ex.label["d2"], int)  # integral grades stay ints in the stored JSON
+
+
 def test_parse_pico_text():
     assert C.parse_pico_text("P: a\nI: b\nC: c\nO: d\n") == {"P": "a", "I": "b", "C": "c", "O": "d"}
     assert C.parse_pico_text("P: a\nmore\nI: b\nC: \nO: d")["P"] == "a\nmore"

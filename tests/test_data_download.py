@@ -136,3 +136,35 @@ def test_unsafe_zip_member_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unsafe member"):
         download.extract_zip(path, tmp_path / "out")
     assert not (tmp_path / "escape.txt").exists()
+
+
+@pytest.mark.parametrize("task, beir_name", [("nfcorpus", "nfcorpus"), ("msmarco_beir", "msmarco")])
+def test_beir_tasks_download_their_data_when_absent(server, tmp_path, monkeypatch, task, beir_name):
+    """docs/tasks.md: a listed BEIR set missing from the data root is downloaded on first use,
+    for the examples (rl.setup.load_examples) and the backend's corpus alike."""
+    import asyncio
+
+    from configs import scifact
+    from deepretrieval_jax.data import backends
+    from deepretrieval_jax.rl import setup
+
+    root, url = server
+    (root / f"{beir_name}.zip").write_bytes(beir_zip(beir_name))
+    resource = download.Resource(f"{url}/{beir_name}.zip", None, f"{beir_name}.zip")
+    monkeypatch.setitem(download.RESOURCES, f"beir/{beir_name}", resource)
+    monkeypatch.setenv("DEEPRETRIEVAL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("DEEPRETRIEVAL_DATA_DIR", raising=False)
+    data = tmp_path / "data"
+    data.mkdir()  # an empty data root
+    cfg = scifact.get_config()
+    cfg.data.task, cfg.data.data_dir = task, str(data)
+    spec = setup.task_spec(cfg)
+    (example,) = setup.load_examples(cfg, spec, "test")
+    backend = backends.task_backend(spec, data)
+
+    async def search():
+        async with backend:
+            return await backend.search(example.input)
+
+    assert example.label == {"d1": 1} and asyncio.run(search())[0] == "d1"
+    assert RangeHandler.requests == [(f"/{beir_name}.zip", None)]  # downloaded once, cached

@@ -136,3 +136,23 @@ def test_build_cli_from_original_files(tmp_path):
     assert got[0].search_opts == {"maxdate": "2020/01/31"}
     with pytest.raises(SystemExit):
         build.main(["--name=x", "--format=pico_jsonl", "--split=nopath", f"--data_dir={tmp_path}"])
+
+
+def test_rebuilding_over_a_dataset_refuses_or_replaces_it(tmp_path, capsys):
+    from deepretrieval_jax.data import build
+
+    def qa(path, question):
+        path.write_text(json.dumps({"question": question, "answers": ["a"]}) + "\n")
+        return f"test={path}"
+
+    argv = ["--name=nq", "--format=dpr_jsonl", f"--data_dir={tmp_path}"]
+    build.main([*argv, f"--split={qa(tmp_path / 'v1.jsonl', 'old question')}"])
+    with pytest.raises(SystemExit) as exit_info:  # rebuilding is never a silent no-op
+        build.main([*argv, f"--split={qa(tmp_path / 'v2.jsonl', 'new question')}"])
+    assert exit_info.value.code == 2 and "already built" in capsys.readouterr().err
+    assert tfds_builder.load_split(tmp_path, "nq", "test")[0].input == "old question"
+    build.main([*argv, "--overwrite", f"--split=test={tmp_path / 'v2.jsonl'}"])
+    source = tfds_builder.load_split(tmp_path, "nq", "test")
+    assert len(source) == 1 and source[0].input == "new question"
+    leftovers = [p for p in tmp_path.rglob("*") if ".rebuild-" in p.name or ".old-" in p.name]
+    assert leftovers == []

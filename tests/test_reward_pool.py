@@ -16,7 +16,7 @@ from search_fakes import FakeEutils, Fault
 from deepretrieval_jax.rewards.cache import ResultCache, cache_key, normalise_query
 from deepretrieval_jax.rewards.pool import PoolConfig, RewardBatchError, RewardPool, RewardRequest
 from deepretrieval_jax.rewards.tasks import make_tasks
-from deepretrieval_jax.search.base import BackendError, SearchBackend
+from deepretrieval_jax.search.base import BackendError, QueryRejected, SearchBackend
 from deepretrieval_jax.search.pubmed import PubMedBackend, PubMedConfig
 
 
@@ -347,8 +347,43 @@ def test_user_errors_raise_clearly(tmp_path):
     with pool:
         with pytest.raises(ValueError, match="request 1: unknown task 'nq'"):
             pool.submit([request(0), RewardRequest("nq", "", ["a"])])
-        with pytest.raises(ValueError, match="request 0: pubmed: label is empty"):
-            pool.submit([RewardRequest("pubmed", "", [])])
+
+
+def test_one_unusable_label_marks_only_that_sample(servers):
+    server = servers.start()
+    with make_pool(pubmed(server)) as pool:
+        batch = [request(0), RewardRequest("pubmed", request(1).completion, []), request(2)]
+        results = pool.score(batch)
+        metrics = pool.metrics()
+    check_own_results([results[0], results[2]], [0, 2])
+    bad = results[1]
+    assert (bad.valid, bad.reward, bad.bucket) == (False, 0.0, "invalid")
+    assert bad.error == "unusable label: pubmed: label is empty"
+    assert metrics["bad_labels"] == 1.0 and len(server.requests) == 2
+
+
+def test_lone_surrogate_query_is_the_policys_fault_and_never_sent(servers, tmp_path):
+    server = servers.start()
+    # The JSON escape decodes to a lone surrogate inside the query string.
+    completion = '<think>t</think><answer>{"query": "aspirin\\ud800cancer"}</answer>'
+    req = RewardRequest("pubmed", completion, ["1-0"], {"maxdate": "2020/01/01"})
+    for mode in ("off", "read_write"):
+        cache = dict(cache_mode=mode, cache_path=str(tmp_path / "c.sqlite"))
+        with make_pool(pubmed(server), **cache) as pool:
+            (result,) = pool.score([req])
+        assert result.valid and result.query == "aspirin\ud800cancer"
+        assert (result.reward, result.bucket) == (1.0 - 4.0, "answer_bad")
+        assert "lone surrogate" in result.error
+    assert server.requests == []  # never altered into "aspirincancer" and sent
+
+    async def direct():
+        async with pubmed(server) as backend:
+            await backend.search("aspirin\ud800cancer")
+
+    with pytest.raises(QueryRejected, match="lone surrogate"):
+        asyncio.run(direct())
+    assert server.requests == []
+    assert cache_key("pubmed", "a\ud800", {}) != cache_key("pubmed", "a\udc00", {})
 
 
 def test_cache_keys():

@@ -160,6 +160,19 @@ def test_evidence_ladder_table(rank, nq_reward, squad_reward, bucket):
         assert result.metrics.get("rank") == (float(rank) if bucket != "else" else None)
 
 
+@pytest.mark.parametrize("name, total", [("nq", -3.0), ("triviaqa", -3.0), ("squad", -2.0)])
+def test_evidence_broken_or_empty_answer_penalty_matches_the_original(name, total):
+    """The original's squad.py scores a failed answer -3 (total -2); nq/triviaqa -4 (-3)."""
+    task = T.make_task(name, passages={"p": "Paris"})
+    for completion, outcome in [
+        ("<think>t</think><answer>not json</answer>", None),
+        ('<think>t</think><answer>{"query": "  "}</answer>', None),
+        (GOOD, QueryRejected("query is empty")),
+    ]:
+        result = task.score(completion, ["paris"], outcome)
+        assert (result.reward, result.valid, result.bucket) == (total, True, "answer_bad")
+
+
 def test_evidence_texts_from_results_and_missing_passage():
     task = T.make_task("nq")
     pairs = [("a", "nope"), ("a", "Paris!"), ("b", "Paris")]  # repeated id keeps its first text

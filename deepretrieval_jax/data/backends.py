@@ -5,9 +5,12 @@ serving (`serving.rewrite.Searcher`):
 - `split_search_opts(spec, opts)`: config.reward.search_opts -> (index overrides, per-search
   options). Index options of another backend (k1/b under a dense task) are dropped, so one
   config serves a task's BM25 and dense variants.
-- `corpus_dir(spec, data_dir)`: BM25 / dense read `<data_dir>/<corpus>` if it exists, else the
-  BEIR download (`download.beir_dataset_dir`: $DEEPRETRIEVAL_DATA_DIR, then the cache); SQL's
-  database root is `<data_dir>/<corpus>`; HTTP engines have none.
+- `corpus_dir(spec, data_dir)`: BM25 / dense read `<data_dir>/<corpus>` if it exists, else, for
+  the BEIR sets (`download.BEIR_NAMES`), the BEIR download (`download.beir_dataset_dir`:
+  $DEEPRETRIEVAL_DATA_DIR, then the cache); another missing corpus is a FileNotFoundError
+  naming the directory. SQL's database root is `<data_dir>/<corpus>`; HTTP engines have none.
+- `task_passages(spec, data_dir)`: the passage texts evidence tasks match answers in (the
+  same corpus the backend indexes), for training and evaluation alike; None for other tasks.
 - `task_backend(...)`: the task's index options (overridable) + the corpus -> a backend; dense
   corpus embeddings are cached under `<cache dir>/indexes` ($DEEPRETRIEVAL_CACHE_DIR).
 """
@@ -38,8 +41,28 @@ def corpus_dir(spec: TaskSpec, data_dir: str | os.PathLike | None) -> Path | Non
     """Where `spec`'s backend reads its corpus (None: no local corpus)."""
     local = Path(data_dir) / spec.corpus if data_dir is not None and spec.corpus else None
     if spec.backend in ("bm25", "dense"):
-        return download.beir_dataset_dir(spec.corpus, local if local and local.exists() else None)
+        if local is not None and local.exists():
+            return download.beir_dataset_dir(spec.corpus, local)
+        if spec.corpus in download.BEIR_NAMES:
+            return download.beir_dataset_dir(spec.corpus)
+        env = os.environ.get("DEEPRETRIEVAL_DATA_DIR")
+        if env and (Path(env) / spec.corpus / "corpus.jsonl").exists():
+            return Path(env) / spec.corpus
+        raise FileNotFoundError(
+            f"{local or spec.corpus}: task {spec.name!r} needs its corpus (corpus.jsonl) there; "
+            "see docs/tasks.md for how to build it"
+        )
     return local if spec.backend == "sql" else None
+
+
+def task_passages(spec: TaskSpec, data_dir: str | os.PathLike | None) -> dict[str, str] | None:
+    """{passage id: text} of an evidence task's corpus (answer matching), else None."""
+    if spec.family != "evidence":
+        return None
+    from deepretrieval_jax.data.converters import iter_beir_corpus
+
+    corpus = corpus_dir(spec, data_dir) / "corpus.jsonl"
+    return {doc_id: text for doc_id, _, text in iter_beir_corpus(corpus)}
 
 
 def task_backend(

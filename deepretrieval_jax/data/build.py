@@ -4,9 +4,14 @@
         --split=train=/data/pubmed/train.jsonl --split=test=/data/pubmed/test.jsonl \\
         --data_dir=$DEEPRETRIEVAL_DATA_DIR
 
-Formats (see `converters`): pico_jsonl, verl_parquet, dpr_jsonl, beir (the path is the BEIR
+Formats (see `converters`, `qa_formats`): pico_jsonl, verl_parquet, dpr_jsonl
+(`{"question", "answers"}` lines), dpr_qas (DPR's `nq-test.csv`-style question<TAB>answers),
+dpr_json (DPR's retriever json, `nq-train.json`), squad_json (SQuAD v1.1 / v2.0; the passage
+corpus comes from `python -m deepretrieval_jax.data.corpus`), beir (the path is the BEIR
 directory; the split name picks qrels/<split>.tsv), bird / spider (`--db_root` holds
-`<db_id>/<db_id>.sqlite`). The dataset lands in `<data_dir>/deep_retrieval_examples/<name>/`,
+`<db_id>/<db_id>.sqlite`). A path may be `download:<key>` (e.g. `download:squad/dev`, see
+`download.RESOURCES`). A dataset already built under the name is replaced only with
+`--overwrite`. The dataset lands in `<data_dir>/deep_retrieval_examples/<name>/`,
 where `rl.setup.load_examples` and `tfds_builder.load_split` find it.
 """
 
@@ -17,11 +22,21 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from deepretrieval_jax.data import converters
+from deepretrieval_jax.data import converters, download, qa_formats
 from deepretrieval_jax.data.records import Example
 from deepretrieval_jax.data.tfds_builder import build_examples
 
-FORMATS = ("pico_jsonl", "verl_parquet", "dpr_jsonl", "beir", "bird", "spider")
+FORMATS = (
+    "pico_jsonl",
+    "verl_parquet",
+    "dpr_jsonl",
+    "dpr_qas",
+    "dpr_json",
+    "squad_json",
+    "beir",
+    "bird",
+    "spider",
+)
 
 
 def reader(fmt: str, split: str, path: str, db_root: str | None) -> Callable[[], list[Example]]:
@@ -32,6 +47,12 @@ def reader(fmt: str, split: str, path: str, db_root: str | None) -> Callable[[],
         return lambda: converters.read_verl_parquet(path)
     if fmt == "dpr_jsonl":
         return lambda: converters.read_dpr_qa_jsonl(path, id_prefix=f"{split}-")
+    if fmt == "dpr_qas":
+        return lambda: qa_formats.read_dpr_qas_csv(path, id_prefix=f"{split}-")
+    if fmt == "dpr_json":
+        return lambda: qa_formats.read_dpr_retriever_json(path, id_prefix=f"{split}-")
+    if fmt == "squad_json":
+        return lambda: qa_formats.read_squad_json(path)
     if fmt == "beir":
         return lambda: converters.read_beir(path, split)
     if fmt in ("bird", "spider"):
@@ -48,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     p.add_argument("--split", action="append", required=True, help="SPLIT=PATH (repeatable)")
     p.add_argument("--data_dir", default=os.environ.get("DEEPRETRIEVAL_DATA_DIR", ""))
     p.add_argument("--db_root", default=None)
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a dataset already built under the name"
+    )
     args = p.parse_args(argv)
     if not args.data_dir:
         p.error("--data_dir is empty and $DEEPRETRIEVAL_DATA_DIR is not set")
@@ -56,8 +80,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
         split, sep, path = item.partition("=")
         if not sep or not split or not path:
             p.error(f"--split expects SPLIT=PATH, got {item!r}")
-        splits[split] = reader(args.format, split, path, args.db_root)
-    out = build_examples(args.name, splits, args.data_dir)
+        splits[split] = reader(args.format, split, download.source_path(path), args.db_root)
+    try:
+        out = build_examples(args.name, splits, args.data_dir, overwrite=args.overwrite)
+    except FileExistsError as e:
+        p.error(str(e))
     print(out)
     return out
 

@@ -152,7 +152,7 @@ def read_verl_parquet(path: PathLike) -> list[Example]:
                 raise DataFormatError(
                     path, line, "reward_model.ground_truth.score", "length != target"
                 )
-            label = {str(d): int(s) for d, s in zip(ids, scores, strict=True)}
+            label = _grades(ids, scores, path, line)
         else:
             label = _id_list(target, path, line, "reward_model.ground_truth.target")
         text = row.get("input")
@@ -177,6 +177,19 @@ def read_verl_parquet(path: PathLike) -> list[Example]:
             )
         )
     return out
+
+
+def _grades(ids: list, scores: list, path: PathLike, line: int) -> dict[str, float | int]:
+    """{doc id: grade}; fractional grades kept, a repeated id keeps its first grade."""
+    label: dict[str, float | int] = {}
+    for doc, score in zip(ids, scores, strict=True):
+        try:
+            grade = float(score)
+        except (TypeError, ValueError):
+            field = "reward_model.ground_truth.score"
+            raise DataFormatError(path, line, field, f"not a number: {score!r}") from None
+        label.setdefault(str(doc), int(grade) if grade.is_integer() else grade)
+    return label
 
 
 def _input_from_prompt(row: dict, path: PathLike, line: int) -> str:

@@ -10,8 +10,12 @@ Invariants:
 - Cache: `$DEEPRETRIEVAL_CACHE_DIR`, else `~/.cache/deepretrieval_jax`. A cached file whose
   checksum is known is trusted; `expected_sha256=None` skips verification (logged digest).
 
+`fetch(key)` / `source_path("download:squad/dev")`: a packaged resource (SQuAD json, DPR
+passages, BEIR zips) as a cached local file; the data CLIs accept `download:<key>` as a path.
+
 `beir_dataset_dir(name, data_dir=None)`: an explicit dir, or `$DEEPRETRIEVAL_DATA_DIR/<name>`,
-else the BEIR zip downloaded and extracted into the cache.
+else the BEIR zip (`BEIR_NAMES[name]`, e.g. msmarco_beir -> msmarco) downloaded and extracted
+into the cache.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import zipfile
 from pathlib import Path
 
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
+SQUAD_URL = "https://rajpurkar.github.io/SQuAD-explorer/dataset"
+DOWNLOAD_PREFIX = "download:"  # `download:<RESOURCES key>` where a CLI takes an input file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,14 +52,29 @@ RESOURCES = {
     "beir/hotpotqa": Resource(BEIR_URL.format(name="hotpotqa"), None, "hotpotqa.zip"),
     "beir/fever": Resource(BEIR_URL.format(name="fever"), None, "fever.zip"),
     "beir/msmarco": Resource(BEIR_URL.format(name="msmarco"), None, "msmarco.zip"),
-    "squad/dev": Resource(
-        "https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v1.1.json", None, "dev-v1.1.json"
-    ),
+    **{
+        f"squad/{split}{v}": Resource(
+            f"{SQUAD_URL}/{split}-{ver}.json", None, f"{split}-{ver}.json"
+        )
+        for split in ("train", "dev")
+        for v, ver in (("", "v1.1"), ("_v2", "v2.0"))
+    },
     "dpr/psgs_w100": Resource(
         "https://dl.fbaipublicfiles.com/dpr/wikipedia_split/psgs_w100.tsv.gz",
         None,
         "psgs_w100.tsv.gz",
     ),
+}
+
+
+# Datasets fetched from BEIR when absent locally: our dataset name -> BEIR's zip name.
+BEIR_NAMES = {
+    "scifact": "scifact",
+    "nfcorpus": "nfcorpus",
+    "fever": "fever",
+    "hotpotqa": "hotpotqa",
+    "fiqa": "fiqa",
+    "msmarco_beir": "msmarco",
 }
 
 
@@ -117,6 +138,22 @@ def download(
     return final
 
 
+def fetch(key: str, cache: str | os.PathLike | None = None) -> Path:
+    """The cached file of `RESOURCES[key]` (e.g. "squad/dev"), downloaded first if needed."""
+    if key not in RESOURCES:
+        raise KeyError(f"unknown download {key!r}; known: {', '.join(sorted(RESOURCES))}")
+    res = RESOURCES[key]
+    root = Path(cache) if cache is not None else cache_dir() / "downloads"
+    return download(res.url, res.sha256, filename=res.filename, cache=root)
+
+
+def source_path(arg: str) -> str:
+    """A CLI input: a local path, or `download:<key>` -> the cached download (`fetch`)."""
+    if arg.startswith(DOWNLOAD_PREFIX):
+        return str(fetch(arg[len(DOWNLOAD_PREFIX) :]))
+    return arg
+
+
 def extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike) -> Path:
     """Extracts into `dest` (via a temporary dir renamed at the end); refuses unsafe names."""
     dest = Path(dest)
@@ -154,6 +191,7 @@ def beir_dataset_dir(
     env = os.environ.get("DEEPRETRIEVAL_DATA_DIR")
     if env and (Path(env) / name / "corpus.jsonl").exists():
         return Path(env) / name
+    name = BEIR_NAMES.get(name, name)
     root = Path(cache) if cache is not None else cache_dir()
     extracted = root / "beir" / name
     if (extracted / name / "corpus.jsonl").exists():

@@ -36,7 +36,7 @@ INPUT_FORMATS = ("text", "pico", "sql")
 PICO_KEYS = ("P", "I", "C", "O")
 # Backend options fixed when the backend is built (BM25 parameters, dense encoder, SQL limits);
 # the rest of `TaskSpec.backend_opts` (top_k, ...) are passed to every `search` call.
-INDEX_OPTS = ("k1", "b", "model", "timeout_s", "max_rows")
+INDEX_OPTS = ("k1", "b", "model", "timeout_s", "max_rows", "base_url")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,8 +154,9 @@ def _variants(base: dict, no_reason: dict) -> None:
 
 def _define_search_engines() -> None:
     for dataset, family, backend, opts in (
-        ("pubmed", "publication_search", "pubmed", {"top_k": 3000}),
-        ("ctgov", "trial_search", "ctgov", {"top_k": 3000}),
+        # base_url "" = the public service; a local stand-in's URL otherwise (docs/offline.md).
+        ("pubmed", "publication_search", "pubmed", {"top_k": 3000, "base_url": ""}),
+        ("ctgov", "trial_search", "ctgov", {"top_k": 3000, "base_url": ""}),
     ):
         _variants(
             dict(

@@ -8,7 +8,8 @@ Layout: `<data_dir>/deep_retrieval_examples/<name>/<version>/` with `dataset_inf
 reading need no TensorFlow (TFDS's array_record path plus `as_data_source`). Shuffling at write
 time is disabled so `index` equals the row position; the pipeline shuffles per epoch instead.
 
-`build_examples(name, splits, data_dir)` writes (a no-op when the version already exists);
+`build_examples(name, splits, data_dir, overwrite=False)` writes; a dataset already built there
+is an error (`FileExistsError`) unless `overwrite`, which replaces it (never a silent no-op);
 `load_split(data_dir, name, split)` returns an `ExampleSource`, a random-access source of
 `Example` objects that grain can sample from.
 """
@@ -16,6 +17,7 @@ time is disabled so `index` equals the row position; the pipeline shuffles per e
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -87,9 +89,35 @@ def build_examples(
     name: str,
     splits: Mapping[str, Callable[[], Iterable[Example]] | Iterable[Example]],
     data_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
 ) -> Path:
-    """Writes the splits (callables or lists of Examples) as array_record; returns the dir."""
+    """Writes the splits (callables or lists of Examples) as array_record; returns the dir.
+
+    An existing build of `name` raises `FileExistsError` unless `overwrite` (then it is
+    replaced only after the new one was written, so a failed rebuild keeps the old data).
+    """
+    out = dataset_dir(data_dir, name)
+    if out.exists() and not overwrite:
+        raise FileExistsError(
+            f"{out}: dataset {name!r} is already built; rebuild with overwrite=True "
+            "(build CLI: --overwrite) or delete the directory"
+        )
     fns = {s: (v if callable(v) else (lambda v=v: v)) for s, v in splits.items()}
+    if out.exists():  # Build in a scratch root, then swap it in.
+        scratch = Path(data_dir) / f".{BUILDER_NAME}-{name}.rebuild-{os.getpid()}"
+        shutil.rmtree(scratch, ignore_errors=True)
+        try:
+            DeepRetrievalExamples(
+                name=name, splits=fns, data_dir=os.fspath(scratch)
+            ).download_and_prepare()
+            old = out.with_name(out.name + f".old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(dataset_dir(scratch, name), out)
+            shutil.rmtree(old)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return out
     builder = DeepRetrievalExamples(name=name, splits=fns, data_dir=os.fspath(data_dir))
     builder.download_and_prepare()
     return dataset_dir(data_dir, name)

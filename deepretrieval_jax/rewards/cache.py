@@ -4,6 +4,8 @@ Invariants:
 - Key = sha256 of JSON `[backend name, normalised query, parameters]` where the query is NFC
   normalised with whitespace runs collapsed (case is kept: Boolean operators are upper case)
   and the parameters are the backend's `cache_params(**opts)`, JSON-encoded with sorted keys.
+  A query that is not valid Unicode (a lone surrogate) still gets a key (its surrogates kept),
+  so it reaches the backend, which rejects it as the policy's fault.
 - Stored outcomes: a result list ("ok") or a policy rejection ("rejected", the QueryRejected
   message), so replayed rewards equal recorded ones. Infrastructure failures are never stored.
 - Modes (`CacheMode`):
@@ -69,7 +71,13 @@ def cache_key(backend: str, query: str, params: Mapping[str, Any]) -> str:
         ensure_ascii=False,
         default=str,
     )
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    # surrogatepass: a query with a lone surrogate still has a key (the backend rejects it).
+    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _storable(text: str) -> str:
+    """`text` with lone surrogates escaped (sqlite stores only valid UTF-8)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 Outcome = tuple[str, Any]  # ("ok", results) or ("rejected", message)
@@ -153,7 +161,7 @@ class ResultCache:
                     (
                         key,
                         backend,
-                        normalise_query(query),
+                        _storable(normalise_query(query)),
                         json.dumps(dict(params), sort_keys=True, default=str),
                         kind,
                         json.dumps(value, default=str),

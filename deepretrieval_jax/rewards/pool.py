@@ -12,8 +12,10 @@ API (the trainer and the evaluator code against it):
 
 Invariants:
 - One asyncio event loop on one daemon thread, started by `start()`; backends are opened and
-  closed on it. `submit()` validates the requests (unknown task or backend, unusable label:
-  ValueError naming the request) and returns at once; scoring runs on the loop.
+  closed on it. `submit()` validates the requests (unknown task or backend, a completion that
+  is not a string: ValueError naming the request) and returns at once; scoring runs on the
+  loop. A request whose label its task cannot score (empty, wrong type) is bad data: that one
+  sample is invalid ("unusable label: ...", counted as `bad_labels`), the rest are scored.
 - Concurrency: at most `concurrency` (or `concurrency_per_backend[name]`) searches in flight
   per backend (an asyncio.Semaphore). Identical searches in flight are shared, not repeated.
   Rate limiting, 429/Retry-After and per-HTTP-request retries belong to the backend
@@ -34,7 +36,8 @@ Invariants:
   attached) when the invalid fraction exceeds `max_invalid_fraction`.
 - Metrics (`metrics()`): samples, invalid_fraction, reward_mean, bucket counts, searches,
   cache_hits, shared_inflight, retries (pool + HTTP), http_requests, http_429, timeouts,
-  backend_errors, query_rejected, replay_misses, latency_p50/p95/p99_ms of search calls.
+  backend_errors, query_rejected, replay_misses, bad_labels, latency_p50/p95/p99_ms of
+  search calls.
 """
 
 from __future__ import annotations
@@ -161,6 +164,7 @@ _COUNTS = (
     "replay_misses",
     "batch_timeouts",
     "reward_errors",
+    "bad_labels",
 )
 
 
@@ -265,11 +269,14 @@ class RewardPool:
                 raise ValueError(
                     f"request {i}: completion must be str, got {type(req.completion).__name__}"
                 )
+        bad_labels = {}
+        for i, req in enumerate(requests):
             try:
                 self.tasks[req.task].check_label(req.label)
-            except ValueError as exc:
-                raise ValueError(f"request {i}: {exc}") from None
-        future = asyncio.run_coroutine_threadsafe(self._score_batch(requests), self._loop)
+            except ValueError as exc:  # Bad data, not the policy's fault: that sample only.
+                bad_labels[i] = f"unusable label: {exc}"
+        coro = self._score_batch(requests, bad_labels)
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         return PendingBatch(future, self.config.max_invalid_fraction)
 
     def score(self, requests: Sequence[RewardRequest], timeout: float | None = None):
@@ -317,8 +324,19 @@ class RewardPool:
             if latency is not None:
                 self._stats.latencies.append(latency)
 
-    async def _score_batch(self, requests: list[RewardRequest]) -> list[RewardResult]:
-        jobs = [asyncio.ensure_future(self._score_one(r)) for r in requests]
+    async def _bad_label(self, message: str) -> RewardResult:
+        self._count("bad_labels")
+        return RewardResult.invalid(message)
+
+    async def _score_batch(
+        self, requests: list[RewardRequest], bad_labels: Mapping[int, str]
+    ) -> list[RewardResult]:
+        jobs = [
+            asyncio.ensure_future(
+                self._bad_label(bad_labels[i]) if i in bad_labels else self._score_one(r)
+            )
+            for i, r in enumerate(requests)
+        ]
         timeout = self.config.batch_timeout_s
         if jobs:
             await asyncio.wait(jobs, timeout=timeout)

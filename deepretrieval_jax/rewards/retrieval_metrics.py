@@ -1,4 +1,4 @@
-"""Retrieval metrics: recall@k, NDCG@k, first answer-bearing rank, SQL execution match.
+r"""Retrieval metrics: recall@k, NDCG@k, first answer-bearing rank, SQL execution match.
 
 Conventions (reference doc section 7.6 and 7.8 fixed):
 - Retrieved ids and label ids are de-duplicated keeping the first (best) rank before scoring,
@@ -7,18 +7,23 @@ Conventions (reference doc section 7.6 and 7.8 fixed):
   datasets store them as either.
 - NDCG uses linear gains (trec_eval / BEIR: gain = grade) and the true ideal ranking: the label
   grades sorted in decreasing order. Grades <= 0 are non-relevant. NDCG is in [0, 1].
-- Answer matching follows DPR `has_answer` (string mode): NFD-normalise, tokenise into
-  alphanumeric runs and single non-space symbols, lowercase, and look for the answer's token
-  sequence as a contiguous run of the passage's tokens. An answer with no tokens never matches.
+- Answer matching is DPR's / pyserini's `has_answers` (string mode): NFD-normalise, tokenise
+  with pyserini's `SimpleTokenizer` (the `regex` pattern `[\p{L}\p{N}\p{M}]+|[^\p{Z}\p{C}]`:
+  runs of letters, digits and combining marks, or one character that is neither a separator
+  nor a control/format character, so a zero-width space or soft hyphen is no token),
+  lowercase, and look for the answer's token sequence as a contiguous run of the passage's
+  tokens. Deliberate difference: an answer with no tokens never matches (pyserini's matches
+  every passage).
 """
 
 from __future__ import annotations
 
 import math
-import re
 import unicodedata
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
+
+import regex
 
 
 def _key(item: Any) -> str:
@@ -76,12 +81,14 @@ def ndcg_at_k(retrieved: Sequence[Any], grades: Mapping[str, float], k: int) -> 
     return min(1.0, dcg / idcg)
 
 
-# DPR's SimpleTokenizer: runs of letters/digits/marks, or any single non-space character.
-_TOKEN_RE = re.compile(r"(?:[^\W_]|[\u0300-\u036f])+|[^\s]", re.UNICODE)
+# pyserini / DPR SimpleTokenizer (same flags): letter/digit/mark runs, or one visible char.
+_TOKEN_RE = regex.compile(
+    r"[\p{L}\p{N}\p{M}]+|[^\p{Z}\p{C}]", flags=regex.IGNORECASE | regex.UNICODE | regex.MULTILINE
+)
 
 
 def dpr_tokens(text: str) -> list[str]:
-    """DPR-style normalised, lowercased tokens of `text`."""
+    """DPR-style normalised (NFD), lowercased tokens of `text`."""
     return [t.lower() for t in _TOKEN_RE.findall(unicodedata.normalize("NFD", text))]
 
 

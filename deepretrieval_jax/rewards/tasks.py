@@ -384,7 +384,8 @@ REGISTRY: dict[str, tuple[type[TaskReward], dict[str, Any]]] = {
     "ctgov": (RecallTask, {"backend": "ctgov", "k": 3000}),
     "nq": (EvidenceTask, {"k": 3000, "ladder": RANK_LADDER}),
     "triviaqa": (EvidenceTask, {"k": 3000, "ladder": RANK_LADDER}),
-    "squad": (EvidenceTask, {"k": 3000, "ladder": SQUAD_RANK_LADDER}),
+    # The original's squad.py: -3 for a broken payload (total -2), where nq/triviaqa use -4.
+    "squad": (EvidenceTask, {"k": 3000, "ladder": SQUAD_RANK_LADDER, "answer_bad": -3.0}),
     "bird": (SqlTask, {"mismatch": 0.3}),
     "spider": (SqlTask, {"mismatch": 0.0}),
 }

@@ -54,7 +54,10 @@ def _tokenizer(name: str) -> Tokenizer:
 
 
 def task_spec(cfg) -> tasks_lib.TaskSpec:
-    return tasks_lib.get_task(cfg.data.task)
+    """`config.data.task`, its corpus replaced by `config.data.corpus` when that is set."""
+    spec = tasks_lib.get_task(cfg.data.task)
+    corpus = cfg.data.get("corpus", "")
+    return spec.replace(corpus=corpus) if corpus else spec
 
 
 class ExampleList(Sequence):
@@ -74,9 +77,15 @@ class ExampleList(Sequence):
 
 
 def load_examples(cfg, spec: tasks_lib.TaskSpec, split: str) -> ExampleList:
-    """A split of the task: BEIR layout (`<data_dir>/<dataset>/`) or a built TFDS dataset."""
+    """A split of the task: BEIR layout (`<data_dir>/<dataset>/`), a built TFDS dataset, or for
+    a BEIR set (`download.BEIR_NAMES`) found in neither, the BEIR download (cached)."""
+    from deepretrieval_jax.data import download, tfds_builder
+
     data_dir = resolve_data_dir(cfg.data.data_dir)
     beir_dir = data_dir / spec.dataset
+    built = (tfds_builder.dataset_dir(data_dir, spec.dataset) / "dataset_info.json").exists()
+    if not built and not beir_dir.exists() and spec.dataset in download.BEIR_NAMES:
+        beir_dir = download.beir_dataset_dir(spec.dataset)
     if (beir_dir / "queries.jsonl").exists():
         from deepretrieval_jax.data.converters import read_beir
 

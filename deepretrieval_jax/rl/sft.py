@@ -54,8 +54,15 @@ class SFTState:
 
 
 def teacher_completion(spec, example) -> str:
-    """The completion after the task's assistant prefix, answering with the input as query."""
-    payload = json.dumps({spec.answer_key: render.original_query(spec, example.input)}, indent=4)
+    """The completion after the task's assistant prefix, answering with the input as query
+    (SQL: with the gold SQL, since a question is no SQL)."""
+    if spec.input_format == "sql":
+        if not isinstance(example.label, str):
+            raise ValueError(f"task {spec.name}: example {example.id} has no gold SQL to teach")
+        value = example.label
+    else:
+        value = render.original_query(spec, example.input)
+    payload = json.dumps({spec.answer_key: value}, indent=4)
     answer = f"{payload}\n</answer>"
     if spec.assistant_prefix.endswith("<think>\n"):
         return f"The query should combine the key terms of the input.\n</think>\n<answer>\n{answer}"

@@ -271,7 +271,9 @@ class _Run:
 
     def _make_pool(self, backend):
         cfg, spec = self.cfg, self.spec
-        task = make_task(spec.reward_task, dict(spec.reward_opts))
+        data_dir = resolve_data_dir(cfg.data.data_dir) if spec.family == "evidence" else None
+        passages = backends.task_passages(spec, data_dir)  # evidence: answer matching
+        task = make_task(spec.reward_task, dict(spec.reward_opts), passages=passages)
         if backend is None:
             backend = _make_backend(cfg, spec)
         pool_cfg = dict(cfg.reward.pool)

@@ -4,7 +4,8 @@ Every backend (PubMed, ClinicalTrials.gov, BM25, dense, SQL) is a `SearchBackend
 explicit `open()`/`close()` and `async search(query, **opts)` returning a ranked list of
 unique ids (result rows for SQL). Two exception types decide who is to blame for a failure:
 
-- `QueryRejected`: the policy's fault (empty or oversize query, SQL that does not compile).
+- `QueryRejected`: the policy's fault (empty, oversize or not valid Unicode (a lone surrogate)
+  query, SQL that does not compile).
   The reward function scores it with the task's answer penalty.
 - `BackendError`: infrastructure (timeout, HTTP 5xx/429, dropped connection, malformed
   response). The sample is marked invalid and left out of the loss; never a penalty.
@@ -57,6 +58,15 @@ def check_query(query: Any, max_chars: int) -> str:
         raise QueryRejected("query is empty or whitespace")
     if len(query) > max_chars:
         raise QueryRejected(f"query has {len(query)} characters; the limit is {max_chars}")
+    try:
+        query.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # A lone surrogate (JSON "\ud800") is not text: an HTTP client would drop it silently
+        # and send another query than the policy wrote, so it is the policy's fault.
+        bad = repr(query[exc.start : exc.end])
+        raise QueryRejected(
+            f"query is not valid Unicode: lone surrogate {bad} at {exc.start}"
+        ) from None
     return query
 
 

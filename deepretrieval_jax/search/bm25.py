@@ -12,8 +12,8 @@ Invariants:
   file that fails to load is a `DataFileError` naming it. (An index saved before manifests
   existed loads unverified, with a warning.)
 - Query semantics (`search/query_syntax.py`): a query without an operator (AND, OR, NOT, upper
-  case) is bag-of-words BM25 over the whole corpus, parentheses and quotes ignored (documents
-  with score 0 are not returned).
+  case), field tag or truncation is bag-of-words BM25 over the whole corpus, parentheses and
+  quotes ignored (documents with score 0 are not returned).
   Otherwise the Boolean expression selects the candidate set (AND = intersection, OR = union,
   NOT = difference, phrase = the analysed terms consecutive in the analysed document,
   stopwords removed; a word that analyses to several tokens, e.g. "covid-19", is a phrase;
@@ -21,9 +21,15 @@ Invariants:
   are ranked by the BM25 score of the query's positive (not negated) terms, ties by corpus order.
   Malformed Boolean falls back to bag-of-words over the same words (`malformed="fallback"`,
   default) or raises `QueryRejected` (`malformed="reject"`).
-- Date filter (`mindate`/`maxdate`, YYYY[/MM[/DD]]): applies only when the corpus metadata has
+- PubMed syntax (`search/fields.py`): `[ti]`/`[ab]` match the title (text before the first
+  newline) / the rest, `[tiab]`/`[tw]`/`[all]` anywhere; `word*` is a prefix search over the
+  vocabulary, capped at `max_prefix_terms`. A field the corpus lacks (`[pt]`, `[mh]`, ...)
+  raises `QueryRejected` (`unsupported="reject"`, default) or is searched as plain text and
+  counted in `BM25Index.ignored` (`unsupported="ignore"`); never silently.
+- Date filter (`mindate`/`maxdate`, YYYY[/MM[/DD]]): applies when the corpus metadata has
   dates (`date`, `pub_date`, `pubdate` or `year`); documents without a date are then excluded.
-  Without any dates in the corpus the filter is ignored.
+  On a corpus without dates it raises a non-retryable `BackendError` (a data/config problem,
+  not the policy's; `unsupported="reject"`) or is ignored and counted (`"ignore"`).
 - `BM25Backend.search` runs the (CPU-bound) search in a worker thread; empty and oversize
   queries raise `QueryRejected`; failures are exceptions, never an empty list.
 """
@@ -31,10 +37,12 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import json
 import os
 import re
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -42,8 +50,15 @@ import bm25s
 import numpy as np
 import Stemmer
 
+from deepretrieval_jax.search import fields
 from deepretrieval_jax.search import query_syntax as qs
-from deepretrieval_jax.search.base import DataFileError, QueryRejected, SearchBackend, check_query
+from deepretrieval_jax.search.base import (
+    BackendError,
+    DataFileError,
+    QueryRejected,
+    SearchBackend,
+    check_query,
+)
 from deepretrieval_jax.search.manifest import verify_manifest, write_manifest
 
 # Lucene's classic English stopword set (EnglishAnalyzer / Anserini default).
@@ -64,17 +79,28 @@ class BM25Config:
     malformed: str = "fallback"  # "fallback" (bag-of-words) or "reject" (QueryRejected).
     top_k: int = 1000
     max_query_chars: int = 4000
+    unsupported: str = "reject"  # Syntax the corpus cannot honour: "reject" or "ignore" (counted).
+    max_prefix_terms: int = 600  # Vocabulary terms a truncated word expands to (PubMed: 600).
 
     def __post_init__(self):
         if self.stopwords not in ("lucene", "en_plus", "none"):
             raise ValueError(f"stopwords must be lucene|en_plus|none, got {self.stopwords!r}")
         if self.malformed not in ("fallback", "reject"):
             raise ValueError(f"malformed must be fallback|reject, got {self.malformed!r}")
+        if self.unsupported not in ("reject", "ignore"):
+            raise ValueError(f"unsupported must be reject|ignore, got {self.unsupported!r}")
         if self.default_operator not in ("AND", "OR"):
             raise ValueError(f"default_operator must be AND|OR, got {self.default_operator!r}")
 
 
-_QUERY_TIME = ("default_operator", "malformed", "top_k", "max_query_chars")
+_QUERY_TIME = (
+    "default_operator",
+    "malformed",
+    "top_k",
+    "max_query_chars",
+    "unsupported",
+    "max_prefix_terms",
+)
 
 
 class Analyzer:
@@ -130,7 +156,9 @@ def read_beir_corpus(corpus_dir: str) -> Iterable[tuple[str, str, int]]:
 class BM25Index:
     """A bm25s index plus what Boolean queries need (postings via the CSC matrix, positions)."""
 
-    def __init__(self, retriever, doc_ids, tokens, offsets, dates, config: BM25Config):
+    def __init__(
+        self, retriever, doc_ids, tokens, offsets, dates, config: BM25Config, title_lens=None
+    ):
         self.retriever = retriever
         self.doc_ids = list(doc_ids)
         self.tokens = tokens  # int32 [total analysed tokens], documents concatenated.
@@ -140,17 +168,24 @@ class BM25Index:
         self.analyzer = Analyzer(config)
         self.vocab: dict[str, int] = retriever.vocab_dict
         self.num_docs = len(self.doc_ids)
+        # int32 [num_docs]: analysed title tokens leading each document (None: not recorded).
+        self.title_lens = None if title_lens is None else np.asarray(title_lens, np.int32)
+        self.ignored: collections.Counter = collections.Counter()  # syntax not honoured
+        self._lock = threading.Lock()
+        self._terms: list[str] | None = None  # sorted vocabulary, for prefix searches
 
     @classmethod
     def build(cls, docs: Iterable[tuple], config: BM25Config | None = None) -> BM25Index:
         """Indexes (doc_id, text) or (doc_id, text, date) tuples."""
         config = config or BM25Config()
         analyzer = Analyzer(config)
-        doc_ids, analysed, dates = [], [], []
+        doc_ids, analysed, dates, title_lens = [], [], [], []
         for doc in docs:
             doc_ids.append(doc[0])
             analysed.append(analyzer(doc[1]))
             dates.append(doc[2] if len(doc) > 2 else 0)
+            title, newline, _ = doc[1].partition("\n")
+            title_lens.append(len(analyzer(title)) if newline else 0)
         if not doc_ids:
             raise ValueError("cannot build a BM25 index over an empty corpus")
         if len(set(doc_ids)) != len(doc_ids):
@@ -161,7 +196,8 @@ class BM25Index:
         lengths = np.array([len(a) for a in analysed], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         tokens = np.fromiter((vocab[t] for a in analysed for t in a), np.int32, int(offsets[-1]))
-        return cls(retriever, doc_ids, tokens, offsets, np.array(dates, np.int32), config)
+        dates = np.array(dates, np.int32)
+        return cls(retriever, doc_ids, tokens, offsets, dates, config, title_lens)
 
     @classmethod
     def from_beir(cls, corpus_dir: str, config: BM25Config | None = None) -> BM25Index:
@@ -196,6 +232,8 @@ class BM25Index:
         np.save(os.path.join(index_dir, "doc_offsets.npy"), np.asarray(self.offsets))
         dates = self.dates if self.dates is not None else np.zeros(self.num_docs, np.int32)
         np.save(os.path.join(index_dir, "doc_dates.npy"), dates)
+        if self.title_lens is not None:
+            np.save(os.path.join(index_dir, "doc_title_lens.npy"), self.title_lens)
         with open(os.path.join(index_dir, "doc_ids.json"), "w", encoding="utf-8") as f:
             json.dump(self.doc_ids, f)
         with open(os.path.join(index_dir, "analyzer.json"), "w", encoding="utf-8") as f:
@@ -225,8 +263,10 @@ class BM25Index:
             with open(where, encoding="utf-8") as f:
                 doc_ids = json.load(f)
             arrays = {}
-            for name in ("doc_tokens", "doc_offsets", "doc_dates"):
+            for name in ("doc_tokens", "doc_offsets", "doc_dates", "doc_title_lens"):
                 where = os.path.join(index_dir, f"{name}.npy")
+                if name == "doc_title_lens" and not os.path.exists(where):
+                    continue  # saved before titles were recorded: no [ti]/[ab] fields
                 arrays[name] = np.load(where, mmap_mode=mode)
         except (OSError, ValueError, KeyError, TypeError, EOFError) as exc:
             raise DataFileError(f"{where}: cannot load the BM25 index: {exc}") from None
@@ -235,7 +275,10 @@ class BM25Index:
             raise DataFileError(
                 f"{index_dir}: doc_offsets.npy, doc_tokens.npy and doc_ids.json disagree"
             )
-        return cls(retriever, doc_ids, tokens, offsets, np.array(arrays["doc_dates"]), config)
+        titles = arrays.get("doc_title_lens")
+        titles = None if titles is None else np.array(titles)
+        dates = np.array(arrays["doc_dates"])
+        return cls(retriever, doc_ids, tokens, offsets, dates, config, titles)
 
     # Query side.
 
@@ -256,27 +299,32 @@ class BM25Index:
             mask[self.retriever.scores["indices"][indptr[token_id] : indptr[token_id + 1]]] = True
         return mask
 
-    def phrase(self, ids: list[int]) -> np.ndarray:
-        mask = np.logical_and.reduce([self.postings(i) for i in ids])
-        for d in np.flatnonzero(mask):
-            doc = np.asarray(self.tokens[self.offsets[d] : self.offsets[d + 1]])
-            n = len(doc) - len(ids) + 1
-            hit = (
-                n > 0
-                and np.logical_and.reduce([doc[j : j + n] == t for j, t in enumerate(ids)]).any()
-            )
-            mask[d] = bool(hit)
-        return mask
+    def phrase(self, ids: list[int], field: str | None = None) -> np.ndarray:
+        """Documents holding the tokens `ids` consecutively (inside `field` when given)."""
+        return fields.phrase_mask(self, ids, field)
+
+    def count_ignored(self, what: str) -> None:
+        with self._lock:
+            self.ignored[what] += 1
 
     def _match(self, node, positive: list[int], negated: bool = False) -> np.ndarray | None:
         """Candidate mask for `node`; None when the node holds no searchable term."""
         if isinstance(node, (qs.Term, qs.Phrase)):
-            ids = self.token_ids(node.text)
+            text, tag, prefix = qs.split_field(node.text)
+            field = fields.field_of(self, tag)
+            if prefix and isinstance(node, qs.Term):
+                ids = fields.prefix_ids(self, text)
+                if not negated:
+                    positive.extend(ids)
+                if not ids:
+                    return np.zeros(self.num_docs, bool)  # nothing starts so: no match
+                return np.logical_or.reduce([self.phrase([i], field) for i in ids])
+            ids = self.token_ids(text)
             if not negated:
                 positive.extend(ids)
             if not ids:
                 return None
-            return self.postings(ids[0]) if len(ids) == 1 else self.phrase(ids)
+            return self.phrase(ids, field)
         if isinstance(node, qs.Not):
             mask = self._match(node.child, positive, not negated)
             return None if mask is None else ~mask
@@ -287,7 +335,17 @@ class BM25Index:
         return op.reduce(masks)
 
     def _date_mask(self, mindate, maxdate) -> np.ndarray | None:
-        if self.dates is None or not (mindate or maxdate):
+        if not (mindate or maxdate):
+            return None
+        if self.dates is None:
+            if self.config.unsupported == "reject":
+                raise BackendError(
+                    f"date filter mindate={mindate!r} maxdate={maxdate!r} on a corpus without "
+                    "dates (metadata date/pub_date/pubdate/year); add dates or set "
+                    "unsupported='ignore'",
+                    retryable=False,
+                )
+            self.count_ignored("date_filter")
             return None
         low = parse_date(mindate) if mindate else 0
         high = parse_date(maxdate, upper=True) if maxdate else 99999999

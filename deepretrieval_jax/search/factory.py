@@ -6,7 +6,7 @@ Kinds and what they read:
           `dense.resolve_model_dir`: a local directory, "minilm", or a Hub name already in the
           local Hugging Face cache). Corpus embeddings are cached under `cache_dir`.
   pubmed  `api_key`, `rate_per_s` (None: E-utilities' 3/s without a key, 10/s with one);
-          options = other `PubMedConfig` fields.
+          options = other `PubMedConfig` fields (`base_url` "" = the public service).
   ctgov   `rate_per_s` (None: the backend default); options = `CTGovConfig` fields.
   sql     `corpus_dir` = the database root (or None: every search names `db_path`); options =
           `SQLConfig` fields (timeout_s, max_rows, ...).
@@ -46,6 +46,8 @@ def make_backend(
     if kind not in KINDS:
         raise ValueError(f"unknown search backend {kind!r}; expected one of {', '.join(KINDS)}")
     opts = dict(index_opts or {})
+    if not opts.get("base_url", True):  # "": the HTTP engine's public address
+        del opts["base_url"]
     if api_key is not None and kind != "pubmed":
         raise ValueError(f"backend {kind!r} takes no API key (only 'pubmed' does)")
     if kind == "bm25":

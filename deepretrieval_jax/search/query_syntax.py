@@ -5,11 +5,14 @@ Syntax (PubMed-like):
 - Precedence: NOT > AND > OR; parentheses group. Adjacent operands without an operator are
   joined by the *default operator* (AND, like PubMed; configurable). `a NOT b` is `a AND NOT b`
   (PubMed's binary NOT); a leading `NOT b` means "every document except b".
-- `"quoted text"` is a phrase. A trailing `*` (truncation) is dropped: the stemmer already joins
-  most inflections.
-- Field tags in square brackets (`[MeSH]`, `[tiab]`, `[Title/Abstract]`, `[mh:noexp]`) are
-  ignored: a local corpus has one text field.
-- A query is Boolean only when it contains an operator (`is_boolean`); otherwise it is
+- `"quoted text"` is a phrase. A trailing `*` makes a word a prefix search (PubMed truncation);
+  it stays in the `Term` text (`cardio*`), for the engine to expand.
+- A field tag in square brackets (`[tiab]`, `[Title/Abstract]`, `[pt]`, `[mh:noexp]`) right
+  after a word or phrase (spaces allowed) stays in its `Term`/`Phrase` text (`review[pt]`);
+  `split_field(text)` gives (text, field, prefix) and `FIELDS` the canonical field names. A
+  tag after anything else is malformed. The engine honours the fields it has or refuses.
+- A query is Boolean when it contains an operator, a field tag or a truncation
+  (`is_boolean`: PubMed syntax, with the default operator between operands); otherwise it is
   bag-of-words, whatever parentheses or quotes it holds.
 - Malformed input (unbalanced parentheses or quotes, an operator without an operand, empty
   parentheses, parentheses or NOTs nested deeper than `MAX_DEPTH`) raises `MalformedQuery`; the BM25 backend then falls back to bag-of-words over
@@ -27,6 +30,39 @@ OPERATORS = ("AND", "OR", "NOT")
 MAX_DEPTH = 64
 _TAG = re.compile(r"\[[^\]]*\]")
 _OPERATOR_WORD = re.compile(r"\b(?:AND|OR|NOT)\b")
+_TRUNCATION = re.compile(r"\w\*")
+# PubMed field tags (lower case, long and short forms) -> canonical field names.
+FIELDS = {
+    "ti": "title", "title": "title",
+    "ab": "abstract", "abstract": "abstract",
+    "tiab": "tiab", "title/abstract": "tiab",
+    "tw": "all", "text word": "all", "all": "all", "all fields": "all",
+    "pt": "publication_type", "publication type": "publication_type",
+    "mh": "mesh", "mesh": "mesh", "mesh terms": "mesh", "majr": "mesh", "mesh major topic": "mesh",
+    "dp": "date", "pdat": "date", "publication date": "date",
+    "au": "author", "author": "author", "ta": "journal", "journal": "journal",
+    "la": "language", "language": "language",
+}  # fmt: skip
+_FIELD_SUFFIX = re.compile(r"\[([^\]]*)\]$")
+
+
+def split_field(text: str) -> tuple[str, str | None, bool]:
+    """A Term/Phrase text -> (text, field tag as written lower-cased or None, prefix search).
+
+    `review[pt]` -> ("review", "pt", False); `cardio*` -> ("cardio", None, True).
+    `field_name(tag)` maps a tag to its canonical field (`FIELDS`).
+    """
+    field = None
+    m = _FIELD_SUFFIX.search(text)
+    if m:
+        field, text = m.group(1).strip().lower(), text[: m.start()]
+    prefix = text.endswith("*")
+    return text.rstrip("*"), field, prefix
+
+
+def field_name(tag: str) -> str | None:
+    """The canonical field of a tag (`mh:noexp` -> mesh), None for an unknown tag."""
+    return FIELDS.get(tag.split(":")[0].strip())
 
 
 class MalformedQuery(ValueError):
@@ -81,7 +117,11 @@ def tokenize(query: str) -> list[tuple[str, str]]:
             end = query.find("]", i + 1)
             if end < 0:
                 raise MalformedQuery("unterminated field tag '['")
-            i = end + 1  # Field tags are ignored.
+            if not tokens or tokens[-1][0] not in ("word", "phrase") or "[" in tokens[-1][1]:
+                raise MalformedQuery(f"field tag {query[i : end + 1]!r} does not follow a term")
+            kind, text = tokens[-1]
+            tokens[-1] = (kind, text + query[i : end + 1])  # the engine reads it (split_field)
+            i = end + 1
         else:
             j = i
             while j < n and not query[j].isspace() and query[j] not in '()"[':
@@ -90,19 +130,21 @@ def tokenize(query: str) -> list[tuple[str, str]]:
             if word in OPERATORS:
                 tokens.append(("op", word))
             elif word.rstrip("*"):
-                tokens.append(("word", word.rstrip("*")))
+                tokens.append(("word", word))  # a trailing * is a prefix search
             i = j
     return tokens
 
 
 def is_boolean(query: str) -> bool:
-    """True when the query uses an operator (AND, OR, NOT) outside field tags.
+    """True when the query uses an operator (AND, OR, NOT) outside field tags, a field tag or
+    a truncation (`word*`): PubMed syntax, whose meaning bag-of-words would silently drop.
 
     Parentheses and quotes alone do not make a query Boolean: natural text has parentheses
     ("Apolipoprotein E4 (APOE4) allele"), and treating them as syntax would turn plain text
     into a strict conjunction. Such a query is bag-of-words.
     """
-    return bool(_OPERATOR_WORD.search(_TAG.sub(" ", query)))
+    untagged = _TAG.sub(" ", query)
+    return bool(_OPERATOR_WORD.search(untagged) or _TAG.search(query) or _TRUNCATION.search(query))
 
 
 def bag_of_words(query: str) -> str:

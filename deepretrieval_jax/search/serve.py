@@ -7,11 +7,13 @@ corpus snapshot stands in for live PubMed, so training is reproducible offline.
 
 Interface: `GET /entrez/eutils/esearch.fcgi` with `db` (any value), `term`, `retmode=json`,
 `retmax` (default 20, at most 10,000), `retstart` (at most 9,998), `datetype`, `mindate`,
-`maxdate` (applied when the corpus has per-document dates, else ignored), `api_key`, `tool`,
+`maxdate` (applied when the corpus has per-document dates; on an undated corpus esearch's
+`ERROR` explains why, unless the index ignores and counts them), `api_key`, `tool`,
 `email` (accepted, ignored). The answer is esearch's JSON: `esearchresult.count` (number of
 matches, counted up to 10,000 — esearch never pages past that), `idlist`, `retmax`,
 `retstart`. A query the backend rejects (`QueryRejected`, e.g. too long) gets count 0 and the
-reason in `warninglist.outputmessages`, as PubMed answers a query it cannot use.
+reason in `warninglist.outputmessages`, as PubMed answers a query it cannot use (field tags
+the corpus lacks, e.g. `[pt]`, are such queries: see `search/bm25.py` on PubMed syntax).
 
 Invariants: one search runs per request, in a worker thread (the backend's `search`);
 `latency_s` is added to every answer; with `rate_limit` N, a request arriving when N requests
@@ -78,6 +80,8 @@ def make_app(
         except QueryRejected as exc:
             ids, warnings = [], [str(exc)]
         except BackendError as exc:
+            if not exc.retryable:  # e.g. a date filter on an undated corpus: it cannot work
+                return _error(str(exc))
             return web.json_response({"error": str(exc)}, status=503)
         page = ids[retstart : retstart + retmax]
         result = {
