@@ -208,3 +208,13 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     return cfg
+
+
+def config_args(arg: str | None, allowed: tuple[str, ...], where: str) -> set[str]:
+    """The comma-separated `FILE.py:a,b` arguments of a config; unknown ones are an error."""
+    args = set((arg or "").split(",")) - {""}
+    unknown = sorted(args - set(allowed))
+    if unknown:
+        use = ",".join(allowed) if allowed else "no argument"
+        raise ValueError(f"{where}: unknown arg(s) {unknown}; use {use}")
+    return args
