@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from deepretrieval_jax import checkpoint, metrics, models, sharding
+from deepretrieval_jax import checkpoint, export, metrics, models, sharding
 from deepretrieval_jax.config import SFTConfig, to_dataclass
 from deepretrieval_jax.data import render
 from deepretrieval_jax.rl import setup
@@ -180,6 +180,8 @@ def run_sft(cfg, workdir: str) -> dict:
         raise ValueError(f"config.sft.batch_size ({sft.batch_size}) must divide over processes")
     workdir = Path(workdir)
     spec, model_cfg, codec = setup.text_setup(cfg)
+    if codec.vocab_map is not None and jax.process_index() == 0:  # for the export
+        export.write_vocab_map(workdir, cfg.tokenizer.name, codec.vocab_map.ids)
     prompt_len = max(cfg.data.prompt_buckets)
     completion_len = sft.max_len - prompt_len
     if completion_len <= 0:

@@ -50,7 +50,7 @@ import numpy as np
 from absl import logging
 from flax import linen as nn
 
-from deepretrieval_jax import checkpoint, metrics, models, sharding
+from deepretrieval_jax import checkpoint, export, metrics, models, sharding
 from deepretrieval_jax.config import TrainConfig, resolve_data_dir, to_dataclass, validate
 from deepretrieval_jax.data import backends, render
 from deepretrieval_jax.rewards.pool import PoolConfig, RewardPool
@@ -171,6 +171,8 @@ class _Run:
         ]
         texts += [teacher_completion(spec, ex) for ex in [*train_examples, *val_examples]]
         self.spec, self.model_cfg, self.codec = setup.text_setup(cfg, texts=texts)
+        if self.codec.vocab_map is not None and jax.process_index() == 0:  # for the export
+            export.write_vocab_map(workdir, cfg.tokenizer.name, self.codec.vocab_map.ids)
         # Truncate only after the compact vocabulary saw the whole split (SFT's vocabulary).
         if cfg.data.num_val_examples > 0:
             val_examples = list(val_examples)[: cfg.data.num_val_examples]
