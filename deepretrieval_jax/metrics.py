@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -30,6 +31,18 @@ PLOT_NAME = "reward_curve.png"
 PROGRESS_KEYS = ("reward/mean", "val/reward/mean", "kl/mean", "time/step_s")
 # Keys the reward plot draws when present (train reward, validation reward, per-task means).
 PLOT_KEYS = ("reward/mean", "val/reward/mean")
+# TensorBoard keeps only [-/\w.] in a tag and maps everything else to "_", so "ndcg=0" and
+# "ndcg>0" would share one chart; these characters get names instead, others their code point.
+_TAG_NAMES = {"=": "_eq_", ">": "_gt_", "<": "_lt_", "!": "_not_", "@": "_at_", "%": "_pct_",
+              "+": "_plus_", " ": "_", "*": "_x_", ":": "_"}  # fmt: skip
+_TAG_SAFE = re.compile(r"[-/\w.]")
+
+
+def tensorboard_tag(key: str) -> str:
+    """A metric key as a TensorBoard tag that no other key maps to ("ndcg>0" -> "ndcg_gt_0")."""
+    return "".join(
+        c if _TAG_SAFE.fullmatch(c) else _TAG_NAMES.get(c, f"_u{ord(c):04x}_") for c in key
+    )
 
 
 def _process_index() -> int:
@@ -100,7 +113,7 @@ class MetricsWriter:
         if self._tb is not None:
             for key, value in record.items():
                 if key not in ("step", "time") and value is not None:
-                    self._tb.add_scalar(key, value, int(step))
+                    self._tb.add_scalar(tensorboard_tag(key), value, int(step))
         if self._bar is not None and advance:
             self._bar.update(max(0, int(step) - self._bar.n))
             shown = {k: f"{record[k]:.4g}" for k in PROGRESS_KEYS if record.get(k) is not None}
@@ -113,7 +126,7 @@ class MetricsWriter:
         with open(self.workdir / "samples.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": int(step), "name": name, "texts": list(texts)}) + "\n")
         if self._tb is not None:
-            self._tb.add_text(name, "\n\n---\n\n".join(texts), int(step))
+            self._tb.add_text(tensorboard_tag(name), "\n\n---\n\n".join(texts), int(step))
 
     def log(self, message: str) -> None:
         """A console line that does not break the progress bar."""
