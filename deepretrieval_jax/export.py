@@ -138,7 +138,7 @@ def export_run(
     config,
     plan: ExportPlan,
     step: int | None = None,
-    params_key: str | None = "actor_params",
+    params_key: str | None = None,
     dtype: str | None = None,
     mesh=None,
 ) -> epath.Path:

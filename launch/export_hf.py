@@ -4,8 +4,8 @@
         --out_dir=/tmp/run/hf --tokenizer_dir=/ckpt/Qwen2.5-3B-Instruct [--step=1250] \
         [--dtype=bfloat16] [--eos_token_ids=151645,151643] [--vocab_map=FILE]
 
-Reads only the `--params_key` subtree of the saved train state (a saved plain params tree is
-detected and used as is), resharded over all local devices (FSDP), then writes config.json,
+Reads only the `--params_key` subtree of the saved train state (default: a PPO state's
+actor_params, else an SFT state's params; a saved plain params tree is used as is), resharded over all local devices (FSDP), then writes config.json,
 generation_config.json (with the end ids), safetensors and the tokenizer files (or the
 run's vocab_map.json for a compact-vocabulary model). Tokenizer, end ids and vocabulary are
 checked before any weights are read (deepretrieval_jax/export.py).
@@ -21,7 +21,7 @@ from absl import app, flags  # noqa: E402
 
 _CKPT = flags.DEFINE_string("checkpoint_dir", None, "CheckpointManager directory.")
 _STEP = flags.DEFINE_integer("step", None, "Step to export (default: latest finalised).")
-_KEY = flags.DEFINE_string("params_key", "actor_params", "State key holding the params.")
+_KEY = flags.DEFINE_string("params_key", None, "State key (default: actor_params, else params).")
 _MODEL = flags.DEFINE_string("model", None, "Model preset name, e.g. qwen2.5-3b.")
 _CONFIG_JSON = flags.DEFINE_string("config_json", None, "HF config.json instead of --model.")
 _OUT = flags.DEFINE_string("out_dir", None, "Output HF checkpoint directory.")

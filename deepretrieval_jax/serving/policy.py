@@ -2,7 +2,8 @@
 
 `load_policy(path, ...)` reads either a Hugging Face directory (config.json + safetensors, e.g.
 from `launch/export_hf.py`) or an orbax `CheckpointManager` directory written by the trainer
-(the params under `params_key`, default "actor_params"; a saved plain params tree is detected),
+(the params under `params_key`; default: "actor_params" of a PPO state, else "params" of an
+SFT state; a saved plain params tree is detected),
 for which the model shape comes from a preset name or an HF config.json.
 
 `Policy.generate(rows, settings, limits)` samples one completion per prompt in a single sampler
@@ -279,7 +280,7 @@ def load_policy(
     config_json: str | os.PathLike | None = None,
     tokenizer: str | None = None,
     step: int | None = None,
-    params_key: str = "actor_params",
+    params_key: str | None = None,
     dtype: str | None = None,
     **policy_kwargs,
 ) -> Policy:
