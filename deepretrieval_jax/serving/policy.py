@@ -70,6 +70,10 @@ class Completion:
     finish_reason: str  # "stop" (EOS or stop string) | "length"
     prompt_tokens: int
     completion_tokens: int
+    # Per generated token (a final end-of-sequence token removed, as from `text`): model ids and
+    # log p(token) under the raw model (temperature 1, no truncation), for OpenAI `logprobs`.
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[float, ...] = ()
 
 
 def cut_at_stop(text: str, stop: Sequence[str], keep: bool = False) -> tuple[str, bool]:
@@ -250,6 +254,7 @@ class Policy:
         self._calls += 1
         out = sampler(self.params, tokens, mask, key, max_new_tokens=max(limits))
         out_tokens = np.asarray(out.tokens_BnxL)
+        out_logprobs = np.asarray(out.logprobs_BnxL)
         lengths, reasons = np.asarray(out.lengths_Bn), np.asarray(out.finish_reason_Bn)
         results = []
         for b in range(n):
@@ -264,7 +269,10 @@ class Policy:
             text = self.decode(ids)
             if settings.stop and not finished:
                 text, finished = cut_at_stop(text, settings.stop, keep=True)
-            results.append(Completion(text, "stop" if finished else "length", len(rows[b]), count))
+            reason = "stop" if finished else "length"
+            token_ids = tuple(int(i) for i in ids)
+            logprobs = tuple(float(x) for x in out_logprobs[b, : len(ids)])
+            results.append(Completion(text, reason, len(rows[b]), count, token_ids, logprobs))
         return results
 
 
