@@ -28,7 +28,7 @@ from pathlib import Path
 JSONL_NAME = "metrics.jsonl"
 PLOT_NAME = "reward_curve.png"
 # Keys the progress bar shows when present, in this order.
-PROGRESS_KEYS = ("reward/mean", "val/reward/mean", "kl/mean", "time/step_s")
+PROGRESS_KEYS = ("reward/mean", "val/reward/mean", "kl/mean", "sft/loss", "time/step_s")
 # Keys the reward plot draws when present (train reward, validation reward, per-task means).
 PLOT_KEYS = ("reward/mean", "val/reward/mean")
 # TensorBoard keeps only [-/\w.] in a tag and maps everything else to "_", so "ndcg=0" and
@@ -67,7 +67,8 @@ class MetricsWriter:
         JSONL are dropped.
       enabled: write anything at all; default: `jax.process_index() == 0`.
       tensorboard: also write TensorBoard event files.
-      progress: show a tqdm progress bar on the console.
+      progress: show a progress bar on the console (`progress.bar`: tqdm on a terminal).
+      desc: the bar's label.
     """
 
     def __init__(
@@ -78,6 +79,7 @@ class MetricsWriter:
         enabled: bool | None = None,
         tensorboard: bool = True,
         progress: bool = True,
+        desc: str = "train",
     ):
         self.workdir = Path(workdir)
         self.enabled = (_process_index() == 0) if enabled is None else bool(enabled)
@@ -97,10 +99,10 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(logdir=str(self.workdir / "tb"), purge_step=start_step + 1)
-        if progress:
-            from tqdm.auto import tqdm
+        if progress:  # a tqdm bar on a terminal, occasional plain lines in a log file
+            from deepretrieval_jax import progress as progress_lib
 
-            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            self._bar = progress_lib.bar(total_steps, desc, unit="step", initial=start_step)
 
     def write(self, step: int, scalars: Mapping[str, float], advance: bool = True) -> None:
         """Logs one record; `advance` moves the progress bar to `step`."""

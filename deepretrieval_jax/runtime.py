@@ -224,6 +224,9 @@ def experiment_main(entry: str, *, distributed: bool = False, default_config: st
             config.value.keys()  # config_flags loads lazily: a missing file fails here
         except OSError as e:
             _exit_user_error(str(e).splitlines()[0] + ": " + str(e).strip().splitlines()[-1])
+        from deepretrieval_jax import progress
+
+        progress.quiet_library_logs(not flags.FLAGS["verbosity"].present)
         with user_errors():
             if distributed:
                 initialize_distributed(mode.value, address.value, count.value, index.value)
@@ -234,6 +237,7 @@ def experiment_main(entry: str, *, distributed: bool = False, default_config: st
             if written:
                 logging.info("Resolved config and command line: %s", written)
             logging.vlog(1, "Config:\n%s", config.value)
-            fn(config.value, workdir.value)
+            with progress.phase(fn_name):
+                fn(config.value, workdir.value)
 
     app.run(main, flags_parser=parse_flags)
