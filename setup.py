@@ -51,8 +51,10 @@ EXTRAS = {
     ],
     # Optional Weights & Biases logging (config.logging.wandb).
     "wandb": ["wandb>=0.17"],
+    # gs:// workdirs (etils.epath through fsspec); TPU VMs usually write to GCS.
+    "gcs": ["gcsfs>=2024.2"],
     "gpu": ["jax[cuda12]"],
-    "tpu": ["jax[tpu]"],
+    "tpu": ["jax[tpu]", "gcsfs>=2024.2"],
 }
 EXTRAS["test"] += [d for d in EXTRAS["dense"] + EXTRAS["wandb"] if d not in EXTRAS["test"]]
 

@@ -26,10 +26,10 @@ import dataclasses
 import os
 import statistics
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from deepretrieval_jax import progress
+from deepretrieval_jax import workdir as workdir_lib
 from deepretrieval_jax.data.records import Example
 from deepretrieval_jax.data.render import original_query, prepare_prompts
 from deepretrieval_jax.data.tasks import TaskSpec
@@ -420,7 +420,8 @@ def run(cfg, workdir: str | os.PathLike) -> EvalReport:
     )  # fmt: skip
     if index_overrides:
         report.settings["index_opts"] = {**spec.index_opts(), **index_overrides}
-    out_dir = Path(workdir) / "eval"
+    mirror = workdir_lib.Mirror(workdir)  # reports are local files, copied to a gs:// workdir
+    out_dir = mirror.local / "eval"
     paths = eval_report.write_report(report, out_dir)
     if e.method == "policy" and e.get("compare_baseline", False):
         baseline = evaluate(
@@ -431,5 +432,7 @@ def run(cfg, workdir: str | os.PathLike) -> EvalReport:
         scatter = out_dir / f"{spec.name}_{e.split}_policy_vs_original_query.png"
         eval_report.plot_comparison(report, baseline, scatter)
         logging.info("Baseline:\n%s", eval_report.markdown_table(baseline))
-    logging.info("Report: %s\n%s", paths["json"], eval_report.markdown_table(report))
+    mirror.close()
+    shown = mirror.remote / "eval" / paths["json"].name
+    logging.info("Report: %s\n%s", shown, eval_report.markdown_table(report))
     return report

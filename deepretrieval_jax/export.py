@@ -13,7 +13,8 @@ checked *before* any weights are restored or written:
   model's vocabulary. A compact run (its `WORKDIR/config.json` says so, or the model's vocabulary
   is smaller than the tokenizer's) without a vocab map is refused.
 
-Paths go through `etils.epath`, so the run directory may be a gs:// URL.
+Paths go through `etils.epath` (deepretrieval_jax/workdir.py), so the run directory and the
+output directory may be gs:// URLs.
 """
 
 from __future__ import annotations
@@ -24,15 +25,10 @@ from dataclasses import dataclass
 
 from etils import epath
 
+from deepretrieval_jax.workdir import Mirror, as_path
+
 VOCAB_MAP_FILE = "vocab_map.json"
 RUN_CONFIG_FILE = "config.json"
-
-
-def as_path(path: str | os.PathLike) -> epath.Path:
-    """Local paths with `~` expanded and made absolute; URLs (gs://...) as they are."""
-    if "://" in str(path):
-        return epath.Path(path)
-    return epath.Path(os.path.expanduser(os.fspath(path))).absolute()
 
 
 def write_vocab_map(workdir: str | os.PathLike, tokenizer_name: str, ids) -> epath.Path:
@@ -151,14 +147,16 @@ def export_run(
         checkpoint_dir, config, step=step, key=params_key, mesh=mesh
     )
     logging.info("Restored %s; writing %s", checkpoint_dir, out_dir)
-    out = hf_io.save_params(
+    mirror = Mirror(out_dir)  # safetensors writes local files; copied to a gs:// out_dir
+    hf_io.save_params(
         params,
         config,
-        out_dir,
+        mirror.local,
         tokenizer=plan.tokenizer_dir,
         dtype=dtype,
         generation_config=plan.generation_config,
     )
     if plan.vocab_map is not None:
-        (as_path(out_dir) / VOCAB_MAP_FILE).write_text(json.dumps(plan.vocab_map))
-    return out
+        (mirror.local / VOCAB_MAP_FILE).write_text(json.dumps(plan.vocab_map))
+    mirror.close()
+    return mirror.remote

@@ -12,6 +12,8 @@ Files under `workdir`:
 
 A run resumed from step s opens the writer with `start_step=s`: records of steps > s (written
 after the checkpoint the run resumes from) are dropped, so the log reads like one straight run.
+A remote workdir (gs://...) gets these files through `workdir.Mirror`: written locally, copied
+every `SYNC_S` seconds and at `close()`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 JSONL_NAME = "metrics.jsonl"
+SAMPLES_NAME = "samples.jsonl"
+SYNC_S = 30.0  # a remote workdir gets the staged files at most this often (and at close)
 PLOT_NAME = "reward_curve.png"
 # Keys the progress bar shows when present, in this order.
 PROGRESS_KEYS = ("reward/mean", "val/reward/mean", "kl/mean", "sft/loss", "time/step_s")
@@ -84,15 +88,21 @@ class MetricsWriter:
         desc: str = "train",
         wandb: Mapping | None = None,
     ):
-        self.workdir = Path(workdir)
         self.enabled = (_process_index() == 0) if enabled is None else bool(enabled)
+        self.workdir = Path(workdir)  # where files are written: the staging dir of a gs:// one
         self._jsonl = None
         self._tb = None
         self._bar = None
         self._wandb = None
+        self._mirror = None
         if not self.enabled:
             return
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        from deepretrieval_jax import workdir as workdir_lib
+
+        self._mirror = workdir_lib.Mirror(workdir)
+        self._mirror.pull([JSONL_NAME, SAMPLES_NAME, "tb", "wandb_run_id", "config.json"])
+        self._last_push = time.monotonic()
+        self.workdir = self._mirror.local
         path = self.workdir / JSONL_NAME
         if path.exists():
             kept = [r for r in read_jsonl(path) if r.get("step", 0) <= start_step]
@@ -130,12 +140,17 @@ class MetricsWriter:
             self._bar.update(max(0, int(step) - self._bar.n))
             shown = {k: f"{record[k]:.4g}" for k in PROGRESS_KEYS if record.get(k) is not None}
             self._bar.set_postfix(shown, refresh=True)
+        if time.monotonic() - self._last_push >= SYNC_S:  # a gs:// workdir: copy the files
+            if self._tb is not None:
+                self._tb.flush()
+            self._mirror.push()
+            self._last_push = time.monotonic()
 
     def write_texts(self, step: int, name: str, texts: Sequence[str]) -> None:
         """Logs sample completions (TensorBoard text and a `samples.jsonl` line)."""
         if not self.enabled:
             return
-        with open(self.workdir / "samples.jsonl", "a", encoding="utf-8") as f:
+        with open(self.workdir / SAMPLES_NAME, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": int(step), "name": name, "texts": list(texts)}) + "\n")
         if self._tb is not None:
             self._tb.add_text(tensorboard_tag(name), "\n\n---\n\n".join(texts), int(step))
@@ -176,12 +191,16 @@ class MetricsWriter:
             self._wandb.finish()
             self._wandb = None
         plot_rewards(self.workdir)
+        self._mirror.close()
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """All records of a metrics JSONL; a torn last line (killed writer) is skipped."""
+    """All records of a metrics JSONL (a local path or a gs:// URL); a torn last line (killed
+    writer) is skipped."""
+    from etils import epath
+
     records = []
-    with open(path, encoding="utf-8") as f:
+    with epath.Path(path).open("r", encoding="utf-8") as f:
         for line in f:
             try:
                 records.append(json.loads(line))

@@ -42,7 +42,6 @@ import functools
 import os
 import signal
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +50,7 @@ from absl import logging
 from flax import linen as nn
 
 from deepretrieval_jax import checkpoint, export, metrics, models, sharding
+from deepretrieval_jax import workdir as workdir_lib
 from deepretrieval_jax.config import TrainConfig, resolve_data_dir, to_dataclass, validate
 from deepretrieval_jax.data import backends, render
 from deepretrieval_jax.rewards.pool import PoolConfig, RewardPool
@@ -155,7 +155,7 @@ class _Run:
 
     def __init__(self, cfg, workdir, train_examples, val_examples, backend):
         validate(cfg, jax.process_count())
-        self.cfg, self.workdir = cfg, Path(workdir)
+        self.cfg, self.workdir = cfg, workdir_lib.as_path(workdir)  # local or gs://
         self.tc = to_dataclass(TrainConfig, cfg.train, "train")
         self.ppo = to_dataclass(PPOConfig, cfg.ppo, "ppo")
         spec = setup.task_spec(cfg)
@@ -280,6 +280,11 @@ class _Run:
         pool_cfg = dict(cfg.reward.pool)
         pool_cfg["retries"] = None if pool_cfg["retries"] < 0 else pool_cfg["retries"]
         if pool_cfg["cache_mode"] != "off" and not pool_cfg["cache_path"]:
+            if workdir_lib.is_remote(self.workdir):  # SQLite needs a local file
+                raise ValueError(
+                    f"config.reward.pool.cache_path: the workdir {self.workdir} is remote; "
+                    "give a local file for the reward cache (or cache_mode=off)"
+                )
             pool_cfg["cache_path"] = str(self.workdir / "reward_cache.sqlite")
         pool_cfg["cache_path"] = pool_cfg["cache_path"] or None
         pool = RewardPool({task.backend: backend}, {spec.reward_task: task}, PoolConfig(**pool_cfg))
