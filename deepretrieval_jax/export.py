@@ -46,6 +46,54 @@ def run_dir(checkpoint_dir: str | os.PathLike) -> epath.Path:
     return path if (path / "checkpoints").is_dir() else path.parent
 
 
+def run_config(checkpoint_dir: str | os.PathLike):
+    """The run's resolved config (WORKDIR/config.json, as a ConfigDict), or None."""
+    import ml_collections
+
+    path = run_dir(checkpoint_dir) / RUN_CONFIG_FILE
+    if not path.exists():
+        return None
+    try:
+        return ml_collections.ConfigDict(json.loads(path.read_text())["config"])
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{path}: not a run config ({type(e).__name__}: {e})") from None
+
+
+def model_config_of_run(checkpoint_dir: str | os.PathLike):
+    """The model of a run, from its config.json: the preset with its overrides and, for a
+    compact vocabulary, the size its vocab_map.json gives (as the trainer computed it)."""
+    from deepretrieval_jax.rl import setup
+
+    cfg = run_config(checkpoint_dir)
+    if cfg is None:
+        raise FileNotFoundError(
+            f"{run_dir(checkpoint_dir) / RUN_CONFIG_FILE}: no run config; give --model or "
+            "--config_json"
+        )
+    model_cfg = setup.model_config(cfg)
+    if cfg.model.get("compact_vocab", False):
+        vm_path = run_dir(checkpoint_dir) / VOCAB_MAP_FILE
+        if not vm_path.exists():
+            raise FileNotFoundError(f"{vm_path}: a compact-vocabulary run without its vocab map")
+        ids = json.loads(vm_path.read_text())["ids"]
+        model_cfg = model_cfg.replace(vocab_size=setup.VocabMap(ids).model_vocab_size())
+    return model_cfg
+
+
+def run_tokenizer_dir(checkpoint_dir: str | os.PathLike) -> str | None:
+    """The tokenizer directory the run used: its `tokenizer.name` (the offline Qwen2.5 one is
+    built into its cache directory), else its `model.hf_path`; None without a run config."""
+    cfg = run_config(checkpoint_dir)
+    if cfg is None:
+        return None
+    name = cfg.get("tokenizer", {}).get("name", "") or cfg.get("model", {}).get("hf_path", "")
+    if name == "qwen2.5":
+        from deepretrieval_jax.tokenizer import Tokenizer
+
+        return str(Tokenizer.qwen25().hf.name_or_path)
+    return name or None
+
+
 @dataclass(frozen=True)
 class ExportPlan:
     """What the export writes besides the weights (all checked before restoring)."""

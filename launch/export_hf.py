@@ -1,8 +1,11 @@
 """Export policy params from an orbax checkpoint as a Hugging Face checkpoint directory.
 
-    python launch/export_hf.py --checkpoint_dir=/tmp/run/checkpoints --model=qwen2.5-3b \
-        --out_dir=/tmp/run/hf --tokenizer_dir=/ckpt/Qwen2.5-3B-Instruct [--step=1250] \
-        [--dtype=bfloat16] [--eos_token_ids=151645,151643] [--vocab_map=FILE]
+    python launch/export_hf.py --checkpoint_dir=/tmp/run/checkpoints --out_dir=/tmp/run/hf \
+        [--model=qwen2.5-3b | --config_json=FILE] [--tokenizer_dir=/ckpt/Qwen2.5-3B-Instruct] \
+        [--step=1250] [--dtype=bfloat16] [--eos_token_ids=151645,151643] [--vocab_map=FILE]
+
+Without --model/--config_json the model comes from the run's WORKDIR/config.json, and
+without --tokenizer_dir/--eos_token_ids the end ids come from the run's tokenizer.
 
 Reads only the `--params_key` subtree of the saved train state (default: a PPO state's
 actor_params, else an SFT state's params; a saved plain params tree is used as is), resharded over all local devices (FSDP), then writes config.json,
@@ -22,7 +25,7 @@ from absl import app, flags  # noqa: E402
 _CKPT = flags.DEFINE_string("checkpoint_dir", None, "CheckpointManager directory.")
 _STEP = flags.DEFINE_integer("step", None, "Step to export (default: latest finalised).")
 _KEY = flags.DEFINE_string("params_key", None, "State key (default: actor_params, else params).")
-_MODEL = flags.DEFINE_string("model", None, "Model preset name, e.g. qwen2.5-3b.")
+_MODEL = flags.DEFINE_string("model", None, "Preset, e.g. qwen2.5-3b (default: the run's).")
 _CONFIG_JSON = flags.DEFINE_string("config_json", None, "HF config.json instead of --model.")
 _OUT = flags.DEFINE_string("out_dir", None, "Output HF checkpoint directory.")
 _TOKENIZER = flags.DEFINE_string("tokenizer_dir", None, "HF tokenizer dir to copy along.")
@@ -32,28 +35,32 @@ _DTYPE = flags.DEFINE_string("dtype", None, "Storage dtype (default: the model's
 flags.mark_flags_as_required(["checkpoint_dir", "out_dir"])
 flags.register_multi_flags_validator(
     ["model", "config_json"],
-    lambda f: (f["model"] is None) != (f["config_json"] is None),
-    message="give exactly one of --model and --config_json",
+    lambda f: f["model"] is None or f["config_json"] is None,
+    message="give at most one of --model and --config_json",
 )
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from deepretrieval_jax import export, runtime, sharding
+    from deepretrieval_jax import export, progress, runtime, sharding
     from deepretrieval_jax.models import ModelConfig
+
+    progress.quiet_library_logs(not flags.FLAGS["verbosity"].present)
 
     with runtime.user_errors():
         if _MODEL.value:
             config = ModelConfig.preset(_MODEL.value)
-        else:
-            config = ModelConfig.from_hf_config(
-                json.loads(export.as_path(_CONFIG_JSON.value).read_text())
-            )
+        elif _CONFIG_JSON.value:
+            hf = json.loads(export.as_path(_CONFIG_JSON.value).read_text())
+            config = ModelConfig.from_hf_config(hf)
+        else:  # the run's own config.json (written by launch/train.py and launch/sft.py)
+            config = export.model_config_of_run(_CKPT.value)
         eos = [int(i) for i in _EOS.value] if _EOS.value else None
-        plan = export.plan_export(
-            _CKPT.value, config.vocab_size, _TOKENIZER.value, eos, _VOCAB_MAP.value
-        )
+        tokenizer = _TOKENIZER.value
+        if tokenizer is None and eos is None:
+            tokenizer = export.run_tokenizer_dir(_CKPT.value)
+        plan = export.plan_export(_CKPT.value, config.vocab_size, tokenizer, eos, _VOCAB_MAP.value)
         runtime.log_devices()
         export.export_run(
             _CKPT.value, _OUT.value, config, plan, _STEP.value, _KEY.value, _DTYPE.value,

@@ -159,3 +159,21 @@ def test_compact_vocabulary_export_needs_and_copies_the_vocab_map(tmp_path, caps
     assert json.loads((out / "vocab_map.json").read_text())["ids"] == ids
     gen = json.loads((out / "generation_config.json").read_text())
     assert gen["eos_token_id"] == [3, 2] and gen["pad_token_id"] == 3
+
+
+def test_export_takes_model_and_tokenizer_from_the_run_config(tmp_path):
+    config = ModelConfig.tiny().replace(num_layers=1)
+    run = tmp_path / "run"
+    with CheckpointManager(run / "checkpoints") as mgr:  # an SFT state: {"params", ...}
+        mgr.save(4, {"params": random_params(CausalLM(config), config, seed=4), "step": 4})
+    save_tiny_tokenizer(tmp_path / "tok")
+    record = {"config": {"model": {"preset": "tiny", "overrides": {"num_layers": 1},
+                                   "compact_vocab": False},
+                         "tokenizer": {"name": str(tmp_path / "tok")}}}  # fmt: skip
+    (run / "config.json").write_text(json.dumps(record))
+    run_cli(f"--checkpoint_dir={run / 'checkpoints'}", f"--out_dir={tmp_path / 'hf'}")
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf_config["num_hidden_layers"] == 1
+    gen = transformers.GenerationConfig.from_pretrained(str(tmp_path / "hf"))
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert gen.eos_token_id == tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
