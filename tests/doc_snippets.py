@@ -6,6 +6,10 @@ just before its fence says what the test does with it (invisible when the page i
     <!-- doctest: run -->                 run it (bash with `bash -eo pipefail`, python as a
                                           script), in order with the page's other `run`
                                           snippets, in one scratch directory per page
+    <!-- doctest: run sub=/runs/x/hf=>tiny_policy -->
+                                          ... after replacing a path of the text by a fixture
+                                          that tests/test_docs.py builds (a tiny model, ...),
+                                          or text by other text (sub=steps=500=>steps=5)
     <!-- doctest: save=my_task.py -->     write it to that file in the page's scratch directory
     <!-- doctest: flags -->               (bash default) parse the flags of every `python
                                           launch/*.py ...` / `python -m deepretrieval_jax...`
@@ -41,6 +45,7 @@ class Snippet:
     code: str
     mode: str  # one of MODES
     arg: str = ""  # the file name of `save`, the reason of `skip`
+    subs: tuple[tuple[str, str], ...] = ()  # (text in the snippet, fixture name) for `run`
 
     @property
     def id(self) -> str:
@@ -59,8 +64,16 @@ def _directive(text: str, where: str) -> tuple[str, str]:
         return "skip", reason
     if text.startswith("save="):
         return "save", text[len("save=") :].strip()
-    if text in ("run", "flags", "compile"):
+    if text in ("flags", "compile"):
         return text, ""
+    if text.split()[0] == "run":
+        subs = []
+        for item in text.split()[1:]:
+            old, sep, fixture = item.removeprefix("sub=").partition("=>")
+            if not item.startswith("sub=") or not sep:
+                raise ValueError(f"{where}: expected sub=TEXT=>FIXTURE, got {item!r}")
+            subs.append((old, fixture))
+        return "run", tuple(subs)
     raise ValueError(f"{where}: unknown doctest directive {text!r}; one of {MODES}")
 
 
@@ -82,8 +95,10 @@ def snippets(path: Path) -> list[Snippet]:
                 mode, arg = _directive(d.group(1), where)
             else:
                 mode, arg = ("flags" if language == "bash" else "compile"), ""
+            subs = arg if mode == "run" else ()
+            arg = "" if mode == "run" else arg
             code = "\n".join(lines[i + 1 : end]) + "\n"
-            out.append(Snippet(path, i + 1, language, code, mode, arg))
+            out.append(Snippet(path, i + 1, language, code, mode, arg, subs))
         i = end + 1
     return out
 

@@ -20,6 +20,22 @@ CHECK_ARGS = ROOT / "tests" / "doc_check_args.py"
 RUN_PAGES = sorted({s.path for s in SNIPPETS if s.mode in ("run", "save")})
 
 
+def _tiny_corpus(path):
+    from tiny_models import write_tiny_scifact
+
+    return write_tiny_scifact(path) / "scifact"
+
+
+def _tiny_policy(path):
+    from tiny_models import save_tiny_policy
+
+    return save_tiny_policy(path)
+
+
+# Stand-ins for the big paths of the docs, for `run sub=PATH=>NAME` snippets.
+FIXTURES = {"tiny_corpus": _tiny_corpus, "tiny_policy": _tiny_policy}
+
+
 def _env():
     path = f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"
     pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
@@ -84,8 +100,16 @@ def test_page_runs(page, tmp_path):
         if s.mode == "save":
             (tmp_path / s.arg).write_text(s.code)
             continue
+        code = s.code
+        for old, fixture in s.subs:
+            assert old in code, f"{s.id}: {old!r} is not in the snippet"
+            if fixture in FIXTURES:
+                new = str(FIXTURES[fixture](tmp_path / f"fixture_{fixture}"))
+            else:  # a literal: a tiny size for a big one
+                new = fixture
+            code = code.replace(old, new)
         script = tmp_path / f"snippet_{s.line}.{'sh' if s.language == 'bash' else 'py'}"
-        script.write_text(s.code)
+        script.write_text(code)
         cmd = ["bash", "-eo", "pipefail", str(script)] if s.language == "bash" else [
             sys.executable, str(script)]  # fmt: skip
         out = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True,
