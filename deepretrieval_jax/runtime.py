@@ -121,33 +121,43 @@ def _missing_override(config, argv) -> str | None:
     return None
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+_PARSE_ERRORS = (AttributeError, KeyError, TypeError, ValueError, OSError)
+
+
+def parse_flags(argv: list[str], default_config: str | None = None) -> list[str]:
     """absl flag parsing where a bad flag, config file or override is one line + exit 2."""
     from absl import flags
 
     try:
         return flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
-        message = str(e).strip() or type(e).__name__
-        if "Traceback" in message:  # a config file's get_config raised: keep its last line
-            message = message.splitlines()[-1]
-        config = _config_alone(argv)
-        if config is not None and isinstance(e, (flags.Error, AttributeError, KeyError)):
-            message = _missing_override(config, argv) or message
-        _exit_user_error(message)
+    except (flags.Error, *_PARSE_ERRORS) as e:
+        _exit_parse_error(e, argv, default_config)
 
 
-def _config_alone(argv: list[str]):
-    """The config of `--config=FILE[:ARG]` in `argv`, without overrides (None if it fails).
+def _exit_parse_error(e: Exception, argv: list[str], default_config: str | None) -> None:
+    from absl import flags
+
+    message = str(e).strip() or type(e).__name__
+    if "Traceback" in message:  # a config file's get_config raised: keep its last line
+        message = message.splitlines()[-1]
+    config = _config_alone(argv, default_config)
+    if config is not None and isinstance(e, (flags.Error, AttributeError, KeyError)):
+        message = _missing_override(config, argv) or message
+    _exit_user_error(message)
+
+
+def _config_alone(argv: list[str], default_config: str | None = None):
+    """The config of `--config=FILE[:ARG]` in `argv` (else `default_config`), without
+    overrides (None if it fails).
 
     Loaded by hand: config_flags reads override flags from sys.argv, and those failed.
     """
     import importlib.util
 
     given = [a[len("--config=") :] for a in argv[1:] if a.startswith("--config=")]
-    if not given:
+    if not given and not default_config:
         return None
-    path, _, arg = given[-1].partition(":")
+    path, _, arg = (given[-1] if given else default_config).partition(":")
     try:
         spec = importlib.util.spec_from_file_location("_run_config", path)
         module = importlib.util.module_from_spec(spec)
@@ -198,10 +208,13 @@ def experiment_main(entry: str, *, distributed: bool = False, default_config: st
     from absl import app, flags
     from ml_collections import config_flags
 
-    config = config_flags.DEFINE_config_file(
-        "config", default_config, "Experiment config file (overrides: --config.a.b=v).",
-        lock_config=True,
-    )  # fmt: skip
+    try:  # with a default config, config_flags applies sys.argv's overrides right here
+        config = config_flags.DEFINE_config_file(
+            "config", default_config, "Experiment config file (overrides: --config.a.b=v).",
+            lock_config=True,
+        )  # fmt: skip
+    except _PARSE_ERRORS as e:
+        _exit_parse_error(e, sys.argv, default_config)
     workdir = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, reports).")
     names = ["config", "workdir"]
     if distributed:
@@ -240,4 +253,4 @@ def experiment_main(entry: str, *, distributed: bool = False, default_config: st
             with progress.phase(fn_name):
                 fn(config.value, workdir.value)
 
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=lambda argv: parse_flags(argv, default_config))

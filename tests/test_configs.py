@@ -171,3 +171,13 @@ def test_scifact_dense_variants_name_the_dense_task_and_its_encoder():
 
     with pytest.raises(ValueError, match=r"unknown arg\(s\) \['sparse'\]; use dense,no_reason"):
         scifact_config.get_config("dense,sparse")
+
+
+def test_demo_launcher_with_its_default_config_reports_a_bad_override(tmp_path):
+    out = _launch(ROOT / "launch" / "demo.py", f"--workdir={tmp_path}", "--config.sft.bogus=1")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert (
+        out.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: --config.sft.bogus=1: config.sft has no field 'bogus'")
+    )
