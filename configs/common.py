@@ -205,7 +205,27 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.logging = ml_collections.ConfigDict(
         dict(
             tensorboard=True,  # TensorBoard event files under WORKDIR/tb
-            progress=True,  # tqdm progress bar on process 0's console
+            progress=True,  # progress bar on process 0's console (plain lines off a terminal)
+            wandb=ml_collections.ConfigDict(
+                dict(
+                    enabled=False,  # also log to Weights & Biases (pip install -e .[wandb])
+                    project="deepretrieval_jax",  # W&B project
+                    entity="",  # W&B team or user; "" = your default
+                    name="",  # run name; "" = the workdir's name
+                    mode="online",  # online | offline (local files, `wandb sync` later) | disabled
+                    tags=(),  # W&B run tags
+                )
+            ),
         )
     )
     return cfg
+
+
+def config_args(arg: str | None, allowed: tuple[str, ...], where: str) -> set[str]:
+    """The comma-separated `FILE.py:a,b` arguments of a config; unknown ones are an error."""
+    args = set((arg or "").split(",")) - {""}
+    unknown = sorted(args - set(allowed))
+    if unknown:
+        use = ",".join(allowed) if allowed else "no argument"
+        raise ValueError(f"{where}: unknown arg(s) {unknown}; use {use}")
+    return args

@@ -9,12 +9,13 @@ after ~1,250 steps (original, reasoning variant; 53% without reasoning).
 
 import ml_collections
 
-from configs import pubmed
+from configs import common, pubmed
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    args = common.config_args(arg, ("no_reason",), "configs/ctgov.py")
     cfg = pubmed.get_config()
-    cfg.data.task = "ctgov_no_reason" if arg == "no_reason" else "ctgov"
+    cfg.data.task = "ctgov_no_reason" if args else "ctgov"
     cfg.reward.api_key_env = ""  # the v2 API has no key
     cfg.reward.rate_per_s = 5.0  # be polite to the public API
     return cfg

@@ -24,7 +24,7 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    del arg
+    common.config_args(arg, (), "configs/demo.py")
     cfg = common.base_config()
     cfg.mesh = common.mesh_config(data=-1)  # pure data parallel over the CPU devices
     cfg.model.preset = "tiny"  # Qwen2 architecture (GQA, q/k/v bias, tied head)

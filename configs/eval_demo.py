@@ -12,11 +12,11 @@ is randomly initialised and nearly every completion is a format error (reported 
 
 import ml_collections
 
-from configs import demo, eval_scifact
+from configs import common, demo, eval_scifact
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    del arg
+    common.config_args(arg, (), "configs/eval_demo.py")
     cfg = demo.get_config()
     cfg.eval = eval_scifact.eval_config("policy")
     cfg.eval.batch_size = 32  # prompts per sampler call (one prompt bucket: one compilation)

@@ -16,7 +16,7 @@ The first run encodes the 5,183 abstracts and caches them under $DEEPRETRIEVAL_C
 
 import ml_collections
 
-from configs import scifact
+from configs import common, scifact
 
 
 def eval_config(method: str = "original_query") -> ml_collections.ConfigDict:
@@ -41,10 +41,7 @@ def eval_config(method: str = "original_query") -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = set((arg or "").split(",")) - {""}
-    unknown = sorted(args - {"policy", "dense"})
-    if unknown:
-        raise ValueError(f"configs/eval_scifact.py: unknown arg(s) {unknown}; use policy,dense")
+    args = common.config_args(arg, ("policy", "dense"), "configs/eval_scifact.py")
     cfg = scifact.get_config("dense" if "dense" in args else None)
     cfg.eval = eval_config("policy" if "policy" in args else "original_query")
     # Eval metrics need the top 100 (Recall@100); training asked for 50 (BM25).

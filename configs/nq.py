@@ -14,9 +14,10 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    args = common.config_args(arg, ("no_reason",), "configs/nq.py")
     cfg = common.base_config()
     cfg.model.preset = "qwen2.5-3b"
-    cfg.data.task = "nq_no_reason" if arg == "no_reason" else "nq"
+    cfg.data.task = "nq_no_reason" if args else "nq"
     cfg.data.max_prompt_len = 256  # a question is short
     cfg.data.prompt_buckets = (128, 256)
     cfg.sampling.max_new_tokens = 500

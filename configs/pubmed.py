@@ -15,9 +15,10 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    args = common.config_args(arg, ("no_reason",), "configs/pubmed.py")
     cfg = common.base_config()
     cfg.model.preset = "qwen2.5-3b"  # Qwen2.5-3B-Instruct dimensions
-    cfg.data.task = "pubmed_no_reason" if arg == "no_reason" else "pubmed"
+    cfg.data.task = "pubmed_no_reason" if args else "pubmed"
     cfg.data.max_prompt_len = 500  # original max_prompt_length
     cfg.sampling.max_new_tokens = 500  # original max_response_length
     cfg.sampling.temperature = 1.0  # original rollout temperature (top-p 1.0)

@@ -22,10 +22,7 @@ from configs import common
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg = common.base_config()
     cfg.model.preset = "qwen2.5-3b"
-    args = set((arg or "").split(",")) - {""}
-    unknown = sorted(args - {"dense", "no_reason"})
-    if unknown:
-        raise ValueError(f"configs/scifact.py: unknown arg(s) {unknown}; use dense,no_reason")
+    args = common.config_args(arg, ("dense", "no_reason"), "configs/scifact.py")
     dense = "dense" in args
     cfg.data.task = (
         "scifact" + ("_dense" if dense else "") + ("_no_reason" if "no_reason" in args else "")

@@ -15,9 +15,10 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    args = common.config_args(arg, ("no_reason",), "configs/sql_bird.py")
     cfg = common.base_config()
     cfg.model.preset = "qwen2.5-3b"
-    cfg.data.task = "bird_no_reason" if arg == "no_reason" else "bird"
+    cfg.data.task = "bird_no_reason" if args else "bird"
     cfg.data.max_prompt_len = 2048  # schemas are long
     cfg.data.prompt_buckets = (512, 1024, 2048)
     cfg.data.val_split = "dev"

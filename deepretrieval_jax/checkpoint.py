@@ -136,10 +136,13 @@ def _restore_tree(step_dir: epath.Path, target, key: str | None = None):
         restore_args=jax.tree.map(_restore_args, target),
         partial_restore=key is not None,
     )
+    handler = ocp.PyTreeCheckpointHandler()  # directly, as in `_saved_tree`
     try:
-        restored = ocp.PyTreeCheckpointer().restore(step_dir / STATE, args=args)
+        restored = handler.restore(step_dir / STATE, args=args)
     except Exception as e:
         raise CheckpointError(f"{step_dir}: cannot restore: {type(e).__name__}: {e}") from None
+    finally:
+        handler.close()
     return restored if key is None else restored[key]
 
 
@@ -194,11 +197,18 @@ def _resolve(directory: epath.Path, step: int | None) -> epath.Path:
 
 def _saved_tree(step_dir: epath.Path):
     """Metadata tree (shapes, dtypes) of a step's saved state."""
+    # The item's handler reads `<step>/state` directly. A standalone Checkpointer would also
+    # look for its own `_CHECKPOINT_METADATA` inside the item directory, which a
+    # CheckpointManager writes one level up (`<step>/`), and warn "Metadata file does not exist"
+    # on every restore.
+    handler = ocp.PyTreeCheckpointHandler()
     try:
-        metadata = ocp.StandardCheckpointer().metadata(step_dir / STATE).item_metadata
+        metadata = handler.metadata(step_dir / STATE)
         error = "missing or corrupt files" if metadata is None else None
     except Exception as e:
         metadata, error = None, f"{type(e).__name__}: {e}"
+    finally:
+        handler.close()
     if error:
         raise CheckpointError(f"{step_dir / STATE}: unreadable checkpoint metadata: {error}")
     return metadata.tree

@@ -15,6 +15,7 @@ reference at the end, and the median step time. Rows are sorted best first.
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
 import os
@@ -101,6 +102,14 @@ def table(
 ) -> tuple[list[str], list[dict]]:
     """(columns, rows) for the runs, best `metric` first (runs without it last)."""
     rows = [summarize(w, metric, higher_is_better) for w in workdirs]
+    if rows and all(r[f"{metric} final"] is None for r in rows):
+        known = sorted(
+            {k for w in workdirs for r in metrics.read_jsonl(Path(w) / metrics.JSONL_NAME)
+             for k in r} - {"step", "time"}
+        )  # fmt: skip
+        close = difflib.get_close_matches(metric, known, n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(known)}"
+        raise ValueError(f"--metric {metric!r}: no run logged it; {hint}")
     columns: list[str] = []
     for row in rows:
         columns += [c for c in row if c not in columns]

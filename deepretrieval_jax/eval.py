@@ -26,9 +26,10 @@ import dataclasses
 import os
 import statistics
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
+from deepretrieval_jax import progress
+from deepretrieval_jax import workdir as workdir_lib
 from deepretrieval_jax.data.records import Example
 from deepretrieval_jax.data.render import original_query, prepare_prompts
 from deepretrieval_jax.data.tasks import TaskSpec
@@ -148,11 +149,19 @@ async def run_queries(
             continue
         opts = {**base, **ex.search_opts}
         tasks.append((i, _run_one(spec, backend, ex, q, opts, passages, sem)))
+    bar = progress.bar(len(tasks), "eval: search", unit="query")
+
+    async def counted(task):
+        record = await task
+        bar.update(1)
+        return record
+
     await backend.open()
     try:
-        done = await asyncio.gather(*(t for _, t in tasks))
+        done = await asyncio.gather(*(counted(t) for _, t in tasks))
     finally:
         await backend.close()
+        bar.close()
     for (i, _), rec in zip(tasks, done, strict=True):
         out[i] = rec
     return out
@@ -324,6 +333,7 @@ def policy_generate_fn(
 
     def generate(prompts: list[str]) -> list[str]:
         out: list[str] = []
+        bar = progress.bar(len(prompts), "eval: generate", unit="prompt")
         for i in range(0, len(prompts), batch_size):
             tokens, mask = left_pad(prompts[i : i + batch_size])
             res = sampler(params, tokens, mask, jax.random.fold_in(key, i // batch_size))
@@ -333,6 +343,8 @@ def policy_generate_fn(
                 if n and int(ids[-1]) in eos:
                     ids = ids[:-1]
                 out.append(codec.decode(ids))
+            bar.update(len(tokens))
+        bar.close()
         return out
 
     return generate
@@ -404,7 +416,8 @@ def run(cfg, workdir: str | os.PathLike) -> EvalReport:
     )  # fmt: skip
     if index_overrides:
         report.settings["index_opts"] = {**spec.index_opts(), **index_overrides}
-    out_dir = Path(workdir) / "eval"
+    mirror = workdir_lib.Mirror(workdir)  # reports are local files, copied to a gs:// workdir
+    out_dir = mirror.local / "eval"
     paths = eval_report.write_report(report, out_dir)
     if spec.family == "sql" and e.get("compare_baseline", False):
         logging.info(
@@ -423,5 +436,7 @@ def run(cfg, workdir: str | os.PathLike) -> EvalReport:
         scatter = out_dir / f"{spec.name}_{e.split}_policy_vs_original_query.png"
         eval_report.plot_comparison(report, baseline, scatter)
         logging.info("Baseline:\n%s", eval_report.markdown_table(baseline))
-    logging.info("Report: %s\n%s", paths["json"], eval_report.markdown_table(report))
+    mirror.close()
+    shown = mirror.remote / "eval" / paths["json"].name
+    logging.info("Report: %s\n%s", shown, eval_report.markdown_table(report))
     return report

@@ -12,6 +12,8 @@ Files under `workdir`:
 
 A run resumed from step s opens the writer with `start_step=s`: records of steps > s (written
 after the checkpoint the run resumes from) are dropped, so the log reads like one straight run.
+A remote workdir (gs://...) gets these files through `workdir.Mirror`: written locally, copied
+every `SYNC_S` seconds and at `close()`.
 """
 
 from __future__ import annotations
@@ -20,16 +22,31 @@ import argparse
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 JSONL_NAME = "metrics.jsonl"
+SAMPLES_NAME = "samples.jsonl"
+SYNC_S = 30.0  # a remote workdir gets the staged files at most this often (and at close)
 PLOT_NAME = "reward_curve.png"
 # Keys the progress bar shows when present, in this order.
-PROGRESS_KEYS = ("reward/mean", "val/reward/mean", "kl/mean", "time/step_s")
+PROGRESS_KEYS = ("reward/mean", "val/reward/mean", "kl/mean", "sft/loss", "time/step_s")
 # Keys the reward plot draws when present (train reward, validation reward, per-task means).
 PLOT_KEYS = ("reward/mean", "val/reward/mean")
+# TensorBoard keeps only [-/\w.] in a tag and maps everything else to "_", so "ndcg=0" and
+# "ndcg>0" would share one chart; these characters get names instead, others their code point.
+_TAG_NAMES = {"=": "_eq_", ">": "_gt_", "<": "_lt_", "!": "_not_", "@": "_at_", "%": "_pct_",
+              "+": "_plus_", " ": "_", "*": "_x_", ":": "_"}  # fmt: skip
+_TAG_SAFE = re.compile(r"[-/\w.]")
+
+
+def tensorboard_tag(key: str) -> str:
+    """A metric key as a TensorBoard tag that no other key maps to ("ndcg>0" -> "ndcg_gt_0")."""
+    return "".join(
+        c if _TAG_SAFE.fullmatch(c) else _TAG_NAMES.get(c, f"_u{ord(c):04x}_") for c in key
+    )
 
 
 def _process_index() -> int:
@@ -54,7 +71,10 @@ class MetricsWriter:
         JSONL are dropped.
       enabled: write anything at all; default: `jax.process_index() == 0`.
       tensorboard: also write TensorBoard event files.
-      progress: show a tqdm progress bar on the console.
+      progress: show a progress bar on the console (`progress.bar`: tqdm on a terminal).
+      desc: the bar's label.
+      wandb: `config.logging.wandb`; when its `enabled` is true, records also go to a Weights &
+        Biases run (`wandb_logger.WandbLogger`).
     """
 
     def __init__(
@@ -65,15 +85,24 @@ class MetricsWriter:
         enabled: bool | None = None,
         tensorboard: bool = True,
         progress: bool = True,
+        desc: str = "train",
+        wandb: Mapping | None = None,
     ):
-        self.workdir = Path(workdir)
         self.enabled = (_process_index() == 0) if enabled is None else bool(enabled)
+        self.workdir = Path(workdir)  # where files are written: the staging dir of a gs:// one
         self._jsonl = None
         self._tb = None
         self._bar = None
+        self._wandb = None
+        self._mirror = None
         if not self.enabled:
             return
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        from deepretrieval_jax import workdir as workdir_lib
+
+        self._mirror = workdir_lib.Mirror(workdir)
+        self._mirror.pull([JSONL_NAME, SAMPLES_NAME, "tb", "wandb_run_id", "config.json"])
+        self._last_push = time.monotonic()
+        self.workdir = self._mirror.local
         path = self.workdir / JSONL_NAME
         if path.exists():
             kept = [r for r in read_jsonl(path) if r.get("step", 0) <= start_step]
@@ -84,10 +113,14 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(logdir=str(self.workdir / "tb"), purge_step=start_step + 1)
-        if progress:
-            from tqdm.auto import tqdm
+        if progress:  # a tqdm bar on a terminal, occasional plain lines in a log file
+            from deepretrieval_jax import progress as progress_lib
 
-            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            self._bar = progress_lib.bar(total_steps, desc, unit="step", initial=start_step)
+        if wandb is not None and wandb.get("enabled", False):
+            from deepretrieval_jax.wandb_logger import WandbLogger
+
+            self._wandb = WandbLogger(self.workdir, wandb)
 
     def write(self, step: int, scalars: Mapping[str, float], advance: bool = True) -> None:
         """Logs one record; `advance` moves the progress bar to `step`."""
@@ -100,20 +133,29 @@ class MetricsWriter:
         if self._tb is not None:
             for key, value in record.items():
                 if key not in ("step", "time") and value is not None:
-                    self._tb.add_scalar(key, value, int(step))
+                    self._tb.add_scalar(tensorboard_tag(key), value, int(step))
+        if self._wandb is not None:
+            self._wandb.log(step, {k: v for k, v in record.items() if k not in ("step", "time")})
         if self._bar is not None and advance:
             self._bar.update(max(0, int(step) - self._bar.n))
             shown = {k: f"{record[k]:.4g}" for k in PROGRESS_KEYS if record.get(k) is not None}
             self._bar.set_postfix(shown, refresh=True)
+        if time.monotonic() - self._last_push >= SYNC_S:  # a gs:// workdir: copy the files
+            if self._tb is not None:
+                self._tb.flush()
+            self._mirror.push()
+            self._last_push = time.monotonic()
 
     def write_texts(self, step: int, name: str, texts: Sequence[str]) -> None:
         """Logs sample completions (TensorBoard text and a `samples.jsonl` line)."""
         if not self.enabled:
             return
-        with open(self.workdir / "samples.jsonl", "a", encoding="utf-8") as f:
+        with open(self.workdir / SAMPLES_NAME, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": int(step), "name": name, "texts": list(texts)}) + "\n")
         if self._tb is not None:
-            self._tb.add_text(name, "\n\n---\n\n".join(texts), int(step))
+            self._tb.add_text(tensorboard_tag(name), "\n\n---\n\n".join(texts), int(step))
+        if self._wandb is not None:
+            self._wandb.log_texts(step, name, texts)
 
     def log(self, message: str) -> None:
         """A console line that does not break the progress bar."""
@@ -145,13 +187,20 @@ class MetricsWriter:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
         plot_rewards(self.workdir)
+        self._mirror.close()
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """All records of a metrics JSONL; a torn last line (killed writer) is skipped."""
+    """All records of a metrics JSONL (a local path or a gs:// URL); a torn last line (killed
+    writer) is skipped."""
+    from etils import epath
+
     records = []
-    with open(path, encoding="utf-8") as f:
+    with epath.Path(path).open("r", encoding="utf-8") as f:
         for line in f:
             try:
                 records.append(json.loads(line))

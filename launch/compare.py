@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from deepretrieval_jax import compare  # noqa: E402
+from deepretrieval_jax import compare, runtime  # noqa: E402
 
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "Run workdirs or sweep roots.")
 _OUT = flags.DEFINE_string("out", "", "Output directory; default: the one --workdirs entry.")
@@ -31,12 +31,10 @@ def main(argv):
     if not _OUT.value and len(_WORKDIRS.value) != 1:
         raise app.UsageError("--out is required when comparing several --workdirs")
     out = _OUT.value or _WORKDIRS.value[0]
-    try:
+    with runtime.user_errors():  # one line, exit 2
         written = compare.compare(
             _WORKDIRS.value, out, _METRIC.value, not _LOWER.value, _CURVES.value
         )
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"Compare error: {e}")
     print(written["md"].read_text())
     for path in written.values():
         print(path)

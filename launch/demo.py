@@ -4,6 +4,8 @@
 
 `bash launch/demo.sh` is the one-command version (venv, install, data directory). Re-running
 with the same --workdir resumes; see deepretrieval_jax/demo.py for what lands in the workdir.
+Quiet logs, one-line user errors and WORKDIR/config.json as every entry point
+(`runtime.experiment_main`).
 """
 
 import os
@@ -11,29 +13,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
 from deepretrieval_jax import runtime  # noqa: E402
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(_ROOT, "configs", "demo.py"), "Experiment config file.",
-    lock_config=True,
-)  # fmt: skip
-_WORKDIR = flags.DEFINE_string("workdir", None, "Demo directory (all stages' outputs).")
-flags.mark_flags_as_required(["workdir"])
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    runtime.log_devices()
-    from deepretrieval_jax import demo
-
-    logging.info("Config:\n%s", _CONFIG.value)
-    demo.run(_CONFIG.value, _WORKDIR.value)
-
 
 if __name__ == "__main__":
-    app.run(main)
+    runtime.experiment_main(
+        "deepretrieval_jax.demo:run", default_config=os.path.join(_ROOT, "configs", "demo.py")
+    )

@@ -322,3 +322,20 @@ def test_all_steps_corrupt_is_one_error_and_a_mismatch_does_not_fall_back(tmp_pa
     with pytest.raises(CheckpointError, match="no checkpoint step restores .*step 2: .*step 1:"):
         CheckpointManager(tmp_path).restore_latest(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]  # Nothing set aside.
+
+
+def test_restores_log_no_orbax_warning(tmp_path, caplog):
+    """Reading `<step>/state` with a standalone Checkpointer warned "Metadata file does not
+    exist" on every restore (its metadata lives one level up in a manager's layout)."""
+    import logging
+
+    state = {"params": {"w": np.arange(4.0, dtype=np.float32)}, "step": np.int32(1)}
+    with CheckpointManager(tmp_path / "c", async_save=False) as mgr:
+        mgr.save(1, state, {"k": 1})
+    with caplog.at_level(logging.WARNING):
+        with CheckpointManager(tmp_path / "c") as mgr:
+            restored, meta = mgr.restore(1)
+        saved_structure(tmp_path / "c")
+    np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
+    assert meta == {"k": 1}
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []

@@ -109,4 +109,14 @@ def test_launch_compare(sweep_root, tmp_path):
         [*cmd[:2], f"--workdirs={tmp_path / 'nope'},{sweep_root}", f"--out={tmp_path}"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert bad.returncode == 1 and "Compare error:" in bad.stderr and "nope" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "nope" in bad.stderr
+    typo = subprocess.run(
+        [*cmd, "--metric=val/retrieval/ndgc@10"], capture_output=True, text=True, timeout=60
+    )
+    assert typo.returncode == 2 and "did you mean val/retrieval/ndcg@10?" in typo.stderr
+
+
+def test_a_metric_no_run_logged_is_an_error(sweep_root):
+    runs = compare.find_runs([sweep_root])
+    with pytest.raises(ValueError, match=r"'reward/maen': no run logged it; did you mean"):
+        compare.table(runs, "reward/maen")

@@ -99,9 +99,63 @@ def test_launch_train_rejects_an_unknown_override_before_any_work(tmp_path):
          f"--workdir={tmp_path / 'w'}", "--config.ppo.no_such_field=1"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert out.returncode != 0
-    assert "no_such_field" in out.stderr
+    assert out.returncode == 2, out.stderr
+    fields = ", ".join(sorted(_parse(f"--config={ROOT / 'configs/demo.py'}").ppo))
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: --config.ppo.no_such_field=1: config.ppo has no field 'no_such_field' "
+        f"(fields: {fields})"
+    )
+    assert "Traceback" not in out.stderr
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_rejects_an_unknown_argument(path):
+    with pytest.raises(Exception, match=r"unknown arg\(s\) \['bogus'\]"):
+        _parse(f"--config={path}:bogus")
+
+
+def _launch(*argv, timeout=120):
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, *map(str, argv)], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_help_lists_config_and_workdir():
+    out = _launch(ROOT / "launch" / "sft.py", "--help")
+    assert "--config:" in out.stdout and "--workdir:" in out.stdout
+    assert "--coordinator_address:" in out.stdout
+
+
+def test_user_error_is_one_line_exit_2_and_the_resolved_config_is_saved(tmp_path):
+    import json
+
+    workdir = tmp_path / "w"
+    out = _launch(
+        ROOT / "launch" / "eval.py", f"--config={ROOT / 'configs/eval_demo.py'}",
+        f"--workdir={workdir}", f"--config.data.data_dir={tmp_path / 'missing'}",
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: config.data.data_dir: {tmp_path / 'missing'} is not a dir")
+    assert "Traceback" not in out.stderr
+    record = json.loads((workdir / "config.json").read_text())
+    assert record["config"]["data"]["data_dir"] == str(tmp_path / "missing")
+    assert record["argv"][-1] == f"--config.data.data_dir={tmp_path / 'missing'}"
+    assert record["entry"] == "deepretrieval_jax.eval:run"
+
+
+def test_bad_config_argument_is_one_line_exit_2(tmp_path):
+    out = _launch(
+        ROOT / "launch" / "train.py", f"--config={ROOT / 'configs/pubmed.py'}:reason",
+        f"--workdir={tmp_path}",
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "error: ValueError: configs/pubmed.py: unknown arg(s) ['reason']; use no_reason"
+    ]
 
 
 def test_scifact_dense_variants_name_the_dense_task_and_its_encoder():
@@ -117,3 +171,13 @@ def test_scifact_dense_variants_name_the_dense_task_and_its_encoder():
 
     with pytest.raises(ValueError, match=r"unknown arg\(s\) \['sparse'\]; use dense,no_reason"):
         scifact_config.get_config("dense,sparse")
+
+
+def test_demo_launcher_with_its_default_config_reports_a_bad_override(tmp_path):
+    out = _launch(ROOT / "launch" / "demo.py", f"--workdir={tmp_path}", "--config.sft.bogus=1")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert (
+        out.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: --config.sft.bogus=1: config.sft has no field 'bogus'")
+    )

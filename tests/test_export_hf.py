@@ -1,18 +1,22 @@
 """End-to-end test of launch/export_hf.py: orbax checkpoint -> HF directory -> transformers."""
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+import torch
 import transformers
 from absl import flags
-from tiny_models import left_padded_batch, random_params, torch_logits
+from tiny_models import left_padded_batch, random_params, save_tiny_tokenizer, torch_logits
 from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import models, pre_tokenizers
 
+from deepretrieval_jax import export
 from deepretrieval_jax.checkpoint import CheckpointManager
 from deepretrieval_jax.models import CausalLM, ModelConfig
 
@@ -77,9 +81,99 @@ def test_export_plain_params_tree(tmp_path):
     with CheckpointManager(tmp_path / "ckpt") as mgr:
         mgr.save(0, params)
     out = tmp_path / "hf"
-    export_hf.export(tmp_path / "ckpt", out, config, params_key="ignored_for_plain_trees")
+    plan = export.plan_export(tmp_path / "ckpt", config.vocab_size, eos_ids=[1])
+    export.export_run(tmp_path / "ckpt", out, config, plan, params_key="ignored_for_plain_trees")
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(out)).float().eval()
     embed = hf_model.model.embed_tokens.weight.detach().numpy()
     want = np.asarray(params["transformer"]["embedder"]["embedding"])
     np.testing.assert_array_equal(embed, want)
     assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors"]
+
+
+def _tiny_run(workdir, compact=False):
+    """A run directory: checkpoints/ with one train state, config.json as the launcher writes."""
+    config = ModelConfig.tiny()
+    with CheckpointManager(workdir / "checkpoints") as mgr:
+        mgr.save(1, {"actor_params": random_params(CausalLM(config), config, seed=0)})
+    record = {"config": {"model": {"compact_vocab": compact}}}
+    (workdir / "config.json").write_text(json.dumps(record))
+    return workdir / "checkpoints"
+
+
+def test_export_writes_end_ids_and_expands_a_home_tokenizer_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    save_tiny_tokenizer(tmp_path / "home" / "tok")
+    ckpt = _tiny_run(tmp_path / "run")
+    out = tmp_path / "hf"
+    run_cli(f"--checkpoint_dir={ckpt}", "--model=tiny", f"--out_dir={out}", "--tokenizer_dir=~/tok")
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    gen = transformers.GenerationConfig.from_pretrained(str(out))
+    im_end, eot = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert gen.eos_token_id == [im_end, eot] and gen.pad_token_id == eot
+    # generate() stops at <|im_end|>: a processor forces it as the 2nd new token.
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out)).float().eval()
+
+    class ForceImEnd(transformers.LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] == 4:
+                scores[:, im_end] = 1e9
+            return scores
+
+    processors = transformers.LogitsProcessorList([ForceImEnd()])
+    prompt = torch.tensor([[5, 6, 7]])
+    generated = model.generate(
+        prompt, max_new_tokens=8, do_sample=False, logits_processor=processors
+    )
+    assert generated.shape == (1, 5) and generated[0, -1].item() == im_end
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--tokenizer_dir=~/no_such_tok"], "--tokenizer_dir: "),
+        ([], "give --tokenizer_dir or --eos_token_ids"),
+    ],
+)
+def test_export_refuses_before_writing_anything(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    ckpt = _tiny_run(tmp_path / "run")
+    out = tmp_path / "hf"
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(f"--checkpoint_dir={ckpt}", "--model=tiny", f"--out_dir={out}", *argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_compact_vocabulary_export_needs_and_copies_the_vocab_map(tmp_path, capsys):
+    ckpt = _tiny_run(tmp_path / "run", compact=True)
+    out = tmp_path / "hf"
+    with pytest.raises(SystemExit):
+        run_cli(f"--checkpoint_dir={ckpt}", "--model=tiny", f"--out_dir={out}", "--eos_token_ids=7")
+    assert "vocab_map.json" in capsys.readouterr().err and not out.exists()
+    ids = [0, 3, 7, 151645]  # model id i is tokenizer id ids[i]
+    export.write_vocab_map(tmp_path / "run", "qwen2.5", ids)
+    run_cli(
+        f"--checkpoint_dir={ckpt}", "--model=tiny", f"--out_dir={out}", "--eos_token_ids=151645,7"
+    )
+    assert json.loads((out / "vocab_map.json").read_text())["ids"] == ids
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [3, 2] and gen["pad_token_id"] == 3
+
+
+def test_export_takes_model_and_tokenizer_from_the_run_config(tmp_path):
+    config = ModelConfig.tiny().replace(num_layers=1)
+    run = tmp_path / "run"
+    with CheckpointManager(run / "checkpoints") as mgr:  # an SFT state: {"params", ...}
+        mgr.save(4, {"params": random_params(CausalLM(config), config, seed=4), "step": 4})
+    save_tiny_tokenizer(tmp_path / "tok")
+    record = {"config": {"model": {"preset": "tiny", "overrides": {"num_layers": 1},
+                                   "compact_vocab": False},
+                         "tokenizer": {"name": str(tmp_path / "tok")}}}  # fmt: skip
+    (run / "config.json").write_text(json.dumps(record))
+    run_cli(f"--checkpoint_dir={run / 'checkpoints'}", f"--out_dir={tmp_path / 'hf'}")
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf_config["num_hidden_layers"] == 1
+    gen = transformers.GenerationConfig.from_pretrained(str(tmp_path / "hf"))
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert gen.eos_token_id == tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])

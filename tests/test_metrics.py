@@ -76,3 +76,35 @@ def test_plot_cli(tmp_path):
         text=True,
     )
     assert bad.returncode != 0 and "No reward metrics" in bad.stderr
+
+
+def _tensorboard_scalars(tb_dir):
+    """{tag: [values]} read back from tensorboardX event files (TFRecord framing)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars = {}
+    for path in sorted(tb_dir.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append(value.simple_value)
+    return scalars
+
+
+def test_bucket_metrics_keep_distinct_tensorboard_tags(tmp_path):
+    w = metrics.MetricsWriter(tmp_path, enabled=True, progress=False)
+    w.write(1, {"reward/bucket/ndcg=0": 3.0, "reward/bucket/ndcg>0": 5.0, "recall@10": 0.5})
+    w.close()
+    assert _tensorboard_scalars(tmp_path / "tb") == {
+        "reward/bucket/ndcg_eq_0": [3.0],
+        "reward/bucket/ndcg_gt_0": [5.0],
+        "recall_at_10": [0.5],
+    }
+    assert metrics.tensorboard_tag("a\u00e9/b") == "a\u00e9/b"  # \w is Unicode-aware
+    assert metrics.tensorboard_tag("a|b") == "a_u007c_b"

@@ -123,6 +123,18 @@ def test_orbax_checkpoint_loads_like_the_hf_directory(policy_dir, tmp_path):
     assert all(jax.tree.leaves(same)) and orbax.model_config == hf.model_config
 
 
+def test_an_sft_checkpoint_loads_without_a_params_key(policy_dir, tmp_path):
+    from deepretrieval_jax.checkpoint import CheckpointManager
+
+    hf = policy_lib.load_policy(policy_dir)
+    with CheckpointManager(tmp_path / "sft" / "checkpoints", async_save=False) as mgr:
+        mgr.save(2, {"params": hf.params, "opt_state": {"mu": np.zeros(3)}, "step": np.int32(2)})
+    kw = dict(config_json=policy_dir / "config.json", tokenizer=str(policy_dir))
+    sft = policy_lib.load_policy(tmp_path / "sft", **kw)  # as docs/serving.md says: detected
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), hf.params, sft.params)
+    assert all(jax.tree.leaves(same))
+
+
 def test_sql_rewrites_run_on_the_named_database(tmp_path):
     import asyncio
     import sqlite3

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 
 import aiohttp
+import numpy as np
 import pytest
 from aiohttp import web
 from tiny_models import save_tiny_policy, write_tiny_scifact
@@ -26,10 +27,14 @@ SHORT = dict(system="Be brief.", instruction="Write a query.", note="",
 LONG_WAIT = 60_000.0  # ms: batches leave only when full (or at shutdown)
 
 
+POLICY_DIR = []  # the served policy's HF directory (for an independent transformers reference)
+
+
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory):
     # min_batch=8: every call compiles at one batch shape, whatever the number of requests.
     path = save_tiny_policy(tmp_path_factory.mktemp("served_policy"))
+    POLICY_DIR[:] = [path]
     return policy_lib.load_policy(
         path, name="tiny", max_new_tokens=CAP, max_batch=8, min_batch=8, prompt_buckets=(64, 256)
     )
@@ -173,8 +178,17 @@ def test_malformed_and_oversize_requests_get_4xx(policy):
     bad = [
         ("/v1/completions", {"prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),
         ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature"),
-        ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
-        ("/v1/completions", {"prompt": "x", "stream": True}, 400, "stream"),
+        ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n"),
+        ("/v1/completions", {"prompt": "x", "n": 17}, 400, "n"),
+        ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
+        ("/v1/completions", {"prompt": "x", "stream_options": {}}, 400, "stream_options"),
+        ("/v1/completions", {"prompt": "x", "logprobs": 2}, 400, "logprobs"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+            400,
+            "top_logprobs",
+        ),  # fmt: skip
         ("/v1/completions", {"prompt": "x", "max_tokens": CAP + 1}, 400, "max_tokens"),
         ("/v1/completions", {"prompt": "x", "bogus": 1}, 400, "bogus"),
         ("/v1/completions", {"prompt": 7}, 400, "prompt"),
@@ -348,3 +362,86 @@ def test_warmup_compiles_every_batch_shape_ahead_of_requests(policy):
     assert traces == 1
     policy.generate([policy.encode("p1")] * 3, settings, [4] * 3)
     assert policy._sampler(settings).trace_count == traces, "a warmed-up shape recompiled"
+
+
+def _reference_logprobs(policy_dir, prompt_ids, token_ids, num_ids):
+    """log p(token) of each generated token, from transformers on the exported directory, over
+    the tokenizer's `num_ids` ids (the server never samples the embedding's padding rows)."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(policy_dir)).float().eval()
+    ids = torch.tensor([[*prompt_ids, *token_ids]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, :, :num_ids].double(), -1)
+    start = len(prompt_ids)
+    return [float(logp[start - 1 + k, t]) for k, t in enumerate(token_ids)]
+
+
+def test_streaming_n_and_logprobs_through_the_openai_client(policy):
+    openai = pytest.importorskip("openai")
+    messages = [{"role": "user", "content": "Hi"}]
+
+    async def go():
+        async with serving(policy, max_batch=8, max_wait_ms=0) as (service, http):
+            client = openai.AsyncOpenAI(
+                base_url=f"http://127.0.0.1:{http._base_url.port}/v1", api_key="-", max_retries=0
+            )
+            kw = dict(model="tiny", max_tokens=CAP, temperature=0)
+            comp = await client.completions.create(prompt="p1", n=3, logprobs=0, **kw)
+            stream = await client.completions.create(
+                prompt="p1", n=2, logprobs=0, stream=True,
+                stream_options={"include_usage": True}, **kw,
+            )  # fmt: skip
+            comp_chunks = [c async for c in stream]
+            chat = await client.chat.completions.create(messages=messages, logprobs=True, **kw)
+            stream = await client.chat.completions.create(
+                messages=messages, n=2, stream=True, logprobs=True, **kw
+            )
+            chat_chunks = [c async for c in stream]
+            sampled = await client.completions.create(
+                prompt="p1", n=4, model="tiny", max_tokens=CAP, temperature=1.0
+            )
+            await client.close()
+            return comp, comp_chunks, chat, chat_chunks, sampled
+
+    comp, comp_chunks, chat, chat_chunks, sampled = asyncio.run(go())
+    # n: three greedy choices, identical, indexed 0..2; usage sums the completions.
+    texts = [c.text for c in comp.choices]
+    assert [c.index for c in comp.choices] == [0, 1, 2] and len(set(texts)) == 1
+    assert len({c.text for c in sampled.choices}) > 1, "n sampled choices must differ"
+    # logprobs: the chosen tokens, concatenating to the text, equal to transformers' log p.
+    prompt_ids = policy.encode("p1")
+    direct = policy.generate([prompt_ids], policy_lib.GenSettings(), [CAP])[0]
+    lp = comp.choices[0].logprobs
+    assert "".join(lp.tokens) == texts[0] == direct.text
+    assert lp.text_offset[0] == 0 and lp.top_logprobs[0] == {lp.tokens[0]: lp.token_logprobs[0]}
+    want = _reference_logprobs(POLICY_DIR[0], prompt_ids, direct.token_ids, policy.num_ids)
+    np.testing.assert_allclose(lp.token_logprobs, want, atol=2e-4)
+    assert comp.usage.completion_tokens == 3 * direct.completion_tokens
+    # Streaming: per-choice deltas concatenate to the non-streamed text; usage comes last.
+    streamed = {}
+    for chunk in comp_chunks[:-1]:
+        for c in chunk.choices:
+            streamed.setdefault(c.index, []).append(c.text)
+    assert {i: "".join(t) for i, t in streamed.items()} == {0: texts[0], 1: texts[0]}
+    assert comp_chunks[-1].choices == [] and comp_chunks[-1].usage.completion_tokens > 0
+    streamed_lp = [x for ch in comp_chunks[:-1] for c in ch.choices if c.index == 0
+                   and c.logprobs for x in c.logprobs.token_logprobs]  # fmt: skip
+    np.testing.assert_allclose(streamed_lp, want, atol=2e-4)
+    finals = [c.finish_reason for ch in comp_chunks for c in ch.choices if c.finish_reason]
+    assert finals == [comp.choices[0].finish_reason] * 2
+    # Chat: the same for messages; the first delta names the role.
+    content = chat.choices[0].message.content
+    assert "".join(t.token for t in chat.choices[0].logprobs.content) == content
+    assert all(t.logprob <= 0 and t.top_logprobs == [] for t in chat.choices[0].logprobs.content)
+    deltas = {}
+    for chunk in chat_chunks:
+        assert chunk.object == "chat.completion.chunk"
+        for c in chunk.choices:
+            deltas.setdefault(c.index, []).append(c.delta)
+    assert all(d[0].role == "assistant" for d in deltas.values())
+    assert {i: "".join(x.content or "" for x in d) for i, d in deltas.items()} == {
+        0: content,
+        1: content,
+    }

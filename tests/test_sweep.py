@@ -415,3 +415,21 @@ def test_ctrl_c_forwards_sigterm_to_running_points(tmp_path):
     assert proc.returncode != 0
     assert (root / "seed=1" / "got_sigterm").exists(), out
     assert "Interrupted: SIGTERM to running points" in out
+
+
+def test_slurm_script_activates_the_project_venv(tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    (repo / ".venv" / "bin" / "activate").write_text(f"export VIRTUAL_ENV={repo / '.venv'}\n")
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "srun").write_text('#!/bin/sh\necho "venv=$VIRTUAL_ENV cmd=$*"\n')
+    (fake_bin / "srun").chmod(0o755)
+    monkeypatch.setattr(runner, "REPO_ROOT", repo)
+    run = hyper.Run(hyper.Point(()), tmp_path / "w", None, 1, ["python", "train.py"])
+    script = tmp_path / "sweep.sbatch"
+    script.write_text(runner.slurm_script([run], tmp_path))
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env.update(PATH=f"{fake_bin}:{env['PATH']}", SLURM_ARRAY_TASK_ID="0")
+    out = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env)
+    assert out.stdout.strip() == f"venv={repo / '.venv'} cmd=python train.py", out.stderr

@@ -33,7 +33,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from deepretrieval_jax import checkpoint, metrics, models, sharding
+from deepretrieval_jax import checkpoint, export, metrics, models, sharding
+from deepretrieval_jax import workdir as workdir_lib
 from deepretrieval_jax.config import SFTConfig, to_dataclass
 from deepretrieval_jax.data import render
 from deepretrieval_jax.rl import setup
@@ -185,8 +186,10 @@ def run_sft(cfg, workdir: str) -> dict:
         raise ValueError("config.sft.num_steps is 0: nothing to do")
     if sft.batch_size % jax.process_count():
         raise ValueError(f"config.sft.batch_size ({sft.batch_size}) must divide over processes")
-    workdir = Path(workdir)
+    workdir = workdir_lib.as_path(workdir)  # local or gs://
     spec, model_cfg, codec = setup.text_setup(cfg)
+    if codec.vocab_map is not None and jax.process_index() == 0:  # for the export
+        export.write_vocab_map(workdir, cfg.tokenizer.name, codec.vocab_map.ids)
     prompt_len = max(cfg.data.prompt_buckets)
     completion_len = sft.max_len - prompt_len
     if completion_len <= 0:
@@ -240,7 +243,7 @@ def run_sft(cfg, workdir: str) -> dict:
         logging.info("SFT resumed from step %d", start)
     writer = metrics.MetricsWriter(
         workdir, total_steps=sft.num_steps, start_step=start, tensorboard=cfg.logging.tensorboard,
-        progress=cfg.logging.progress,
+        progress=cfg.logging.progress, desc="sft", wandb=cfg.logging.get("wandb"),
     )  # fmt: skip
     pending, t0 = None, time.time()
     for step in range(start + 1, sft.num_steps + 1):

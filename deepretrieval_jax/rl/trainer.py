@@ -42,7 +42,6 @@ import functools
 import os
 import signal
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +49,8 @@ import numpy as np
 from absl import logging
 from flax import linen as nn
 
-from deepretrieval_jax import checkpoint, metrics, models, sharding
+from deepretrieval_jax import checkpoint, export, metrics, models, sharding
+from deepretrieval_jax import workdir as workdir_lib
 from deepretrieval_jax.config import TrainConfig, resolve_data_dir, to_dataclass, validate
 from deepretrieval_jax.data import backends, render
 from deepretrieval_jax.rewards.pool import PoolConfig, RewardPool
@@ -155,7 +155,7 @@ class _Run:
 
     def __init__(self, cfg, workdir, train_examples, val_examples, backend):
         validate(cfg, jax.process_count())
-        self.cfg, self.workdir = cfg, Path(workdir)
+        self.cfg, self.workdir = cfg, workdir_lib.as_path(workdir)  # local or gs://
         self.tc = to_dataclass(TrainConfig, cfg.train, "train")
         self.ppo = to_dataclass(PPOConfig, cfg.ppo, "ppo")
         spec = setup.task_spec(cfg)
@@ -171,6 +171,8 @@ class _Run:
         ]
         texts += [teacher_completion(spec, ex) for ex in [*train_examples, *val_examples]]
         self.spec, self.model_cfg, self.codec = setup.text_setup(cfg, texts=texts)
+        if self.codec.vocab_map is not None and jax.process_index() == 0:  # for the export
+            export.write_vocab_map(workdir, cfg.tokenizer.name, self.codec.vocab_map.ids)
         # Truncate only after the compact vocabulary saw the whole split (SFT's vocabulary).
         if cfg.data.num_val_examples > 0:
             val_examples = list(val_examples)[: cfg.data.num_val_examples]
@@ -224,6 +226,7 @@ class _Run:
         self.writer = metrics.MetricsWriter(
             self.workdir, self.tc.num_steps, self.start_step,
             tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
+            wandb=cfg.logging.get("wandb"),
         )  # fmt: skip
         _, self.search_opts = backends.split_search_opts(spec, cfg.reward.search_opts)
 
@@ -279,6 +282,11 @@ class _Run:
         pool_cfg = dict(cfg.reward.pool)
         pool_cfg["retries"] = None if pool_cfg["retries"] < 0 else pool_cfg["retries"]
         if pool_cfg["cache_mode"] != "off" and not pool_cfg["cache_path"]:
+            if workdir_lib.is_remote(self.workdir):  # SQLite needs a local file
+                raise ValueError(
+                    f"config.reward.pool.cache_path: the workdir {self.workdir} is remote; "
+                    "give a local file for the reward cache (or cache_mode=off)"
+                )
             pool_cfg["cache_path"] = str(self.workdir / "reward_cache.sqlite")
         pool_cfg["cache_path"] = pool_cfg["cache_path"] or None
         pool = RewardPool({task.backend: backend}, {spec.reward_task: task}, PoolConfig(**pool_cfg))

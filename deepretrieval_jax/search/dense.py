@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from deepretrieval_jax import progress
 from deepretrieval_jax.search.base import SearchBackend, check_query
 
 
@@ -134,8 +135,15 @@ class DenseIndex:
         docs = list(docs)
         if not docs:
             raise ValueError("cannot build a dense index over an empty corpus")
-        embeddings = encoder([d[1] for d in docs])
-        return cls([d[0] for d in docs], embeddings, config, encoder)
+        texts = [d[1] for d in docs]
+        chunk = 16 * config.batch_size  # encoder calls between progress updates
+        bar = progress.bar(len(texts), "dense index: encode", unit="doc")
+        parts = []
+        for i in range(0, len(texts), chunk):
+            parts.append(encoder(texts[i : i + chunk]))
+            bar.update(len(parts[-1]))
+        bar.close()
+        return cls([d[0] for d in docs], np.concatenate(parts), config, encoder)
 
     @classmethod
     def from_beir(cls, corpus_dir: str, config: DenseConfig | None = None, encoder=None):

@@ -21,7 +21,9 @@ def define_policy_flags() -> None:
         "tokenizer", None, "qwen2.5 or a tokenizer dir (default: the policy dir's)."
     )
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-    flags.DEFINE_string("params_key", "actor_params", "Train-state key holding the policy params.")
+    flags.DEFINE_string(
+        "params_key", None, "State key holding the params (default: actor_params, else params)."
+    )
     flags.DEFINE_string("dtype", None, "Compute/storage dtype override, e.g. bfloat16.")
     flags.DEFINE_integer("max_input_tokens", 2048, "Prompt length limit (tokens).")
     flags.DEFINE_integer("max_new_tokens", 512, "Completion length limit (tokens).")

@@ -3,14 +3,17 @@
 Supported OpenAI subset: `model`, `prompt` (a string, a list of one string, or a list of
 token ids) / `messages` (roles system, user, assistant; content a string or a list of text
 parts), `max_tokens` (`max_completion_tokens` for chat), `temperature` (0 = greedy), `top_p`,
-`n` (1 only), `stop` (a string or up to 4 strings), `seed` and `user` (accepted, not used:
-batches share one random stream), `stream` (false only), `frequency_penalty` and
-`presence_penalty` (0 only), `logprobs` (null/false only), `echo` (false only).
+`n` (1 to `MAX_N` choices), `stop` (a string or up to 4 strings), `seed` and `user` (accepted,
+not used: batches share one random stream), `stream` (server-sent events; `stream_options`
+`include_usage`), `frequency_penalty` and `presence_penalty` (0 only), `logprobs` (the chosen
+tokens' logprobs: completions `logprobs=0`, chat `logprobs=true` with `top_logprobs` 0; top
+alternatives are not computed), `echo` (false only). Response pieces: serving/choices.py.
 Unknown fields are rejected with 400, so a client never silently gets different semantics.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping
@@ -20,9 +23,10 @@ from aiohttp import web
 from deepretrieval_jax.serving.policy import Completion, GenSettings
 
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "user", "stream",
-           "frequency_penalty", "presence_penalty", "logprobs", "top_k"}  # fmt: skip
+           "frequency_penalty", "presence_penalty", "logprobs", "top_k", "stream_options"}  # fmt: skip
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo"}
-CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens"}
+CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
+MAX_N = 16  # choices per request (each is one row of a sampler call)
 REWRITE_FIELDS = {"task", "input", "search", "top_k", "fallback", "max_tokens", "temperature",
                   "top_p"}  # fmt: skip
 _ROLES = ("system", "user", "assistant")
@@ -151,14 +155,8 @@ def check_openai(body: Mapping, allowed: set[str], model: str) -> None:
     if name != model:
         raise ApiError(404, f"model {name!r} does not exist; this server serves {model!r}",
                        param="model", code="model_not_found")  # fmt: skip
-    if field(body, "n", int, 1) != 1:
-        raise ApiError(400, "only n=1 is supported", param="n")
-    if field(body, "stream", bool, False):
-        raise ApiError(400, "streaming is not supported; set stream=false", param="stream")
     if field(body, "echo", bool, False):
         raise ApiError(400, "echo is not supported", param="echo")
-    if body.get("logprobs") not in (None, False):
-        raise ApiError(400, "logprobs are not supported", param="logprobs")
     for name in ("frequency_penalty", "presence_penalty"):
         if field(body, name, float, 0.0) != 0:
             raise ApiError(400, f"{name} is not supported (must be 0)", param=name)
@@ -210,3 +208,42 @@ def messages_field(body: Mapping) -> list[dict[str, str]]:
 def usage(c: Completion) -> dict[str, int]:
     return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
             "total_tokens": c.prompt_tokens + c.completion_tokens}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputOptions:
+    n: int  # choices
+    stream: bool  # server-sent events
+    include_usage: bool  # a last streamed chunk with the usage
+    logprobs: bool  # the chosen tokens' logprobs
+
+
+def output_options(body: Mapping, chat: bool) -> OutputOptions:
+    """`n`, `stream`, `stream_options` and `logprobs` / `top_logprobs`, checked."""
+    n = int_field(body, "n", 1, 1, MAX_N)
+    stream = field(body, "stream", bool, False)
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise ApiError(400, "stream_options needs stream=true", param="stream_options")
+        if not isinstance(options, dict) or set(options) - {"include_usage"}:
+            raise ApiError(400, "stream_options must be {'include_usage': bool}",
+                           param="stream_options")  # fmt: skip
+        include_usage = field(options, "include_usage", bool, False)
+    if chat:
+        logprobs = field(body, "logprobs", bool, False)
+        if field(body, "top_logprobs", int, 0) != 0:
+            raise ApiError(400, "top_logprobs > 0 is not supported (the top alternatives are "
+                           "not computed); logprobs=true gives the chosen tokens' logprobs",
+                           param="top_logprobs")  # fmt: skip
+    else:
+        value = body.get("logprobs")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ApiError(400, "'logprobs' must be an integer", param="logprobs")
+        if value not in (None, 0):
+            raise ApiError(400, "logprobs > 0 is not supported (the top alternatives are not "
+                           "computed); logprobs=0 gives the chosen tokens' logprobs",
+                           param="logprobs")  # fmt: skip
+        logprobs = value == 0
+    return OutputOptions(n, stream, include_usage, logprobs)

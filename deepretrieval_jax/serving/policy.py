@@ -2,7 +2,8 @@
 
 `load_policy(path, ...)` reads either a Hugging Face directory (config.json + safetensors, e.g.
 from `launch/export_hf.py`) or an orbax `CheckpointManager` directory written by the trainer
-(the params under `params_key`, default "actor_params"; a saved plain params tree is detected),
+(the params under `params_key`; default: "actor_params" of a PPO state, else "params" of an
+SFT state; a saved plain params tree is detected),
 for which the model shape comes from a preset name or an HF config.json.
 
 `Policy.generate(rows, settings, limits)` samples one completion per prompt in a single sampler
@@ -69,6 +70,10 @@ class Completion:
     finish_reason: str  # "stop" (EOS or stop string) | "length"
     prompt_tokens: int
     completion_tokens: int
+    # Per generated token (a final end-of-sequence token removed, as from `text`): model ids and
+    # log p(token) under the raw model (temperature 1, no truncation), for OpenAI `logprobs`.
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[float, ...] = ()
 
 
 def cut_at_stop(text: str, stop: Sequence[str], keep: bool = False) -> tuple[str, bool]:
@@ -249,6 +254,7 @@ class Policy:
         self._calls += 1
         out = sampler(self.params, tokens, mask, key, max_new_tokens=max(limits))
         out_tokens = np.asarray(out.tokens_BnxL)
+        out_logprobs = np.asarray(out.logprobs_BnxL)
         lengths, reasons = np.asarray(out.lengths_Bn), np.asarray(out.finish_reason_Bn)
         results = []
         for b in range(n):
@@ -263,7 +269,10 @@ class Policy:
             text = self.decode(ids)
             if settings.stop and not finished:
                 text, finished = cut_at_stop(text, settings.stop, keep=True)
-            results.append(Completion(text, "stop" if finished else "length", len(rows[b]), count))
+            reason = "stop" if finished else "length"
+            token_ids = tuple(int(i) for i in ids)
+            logprobs = tuple(float(x) for x in out_logprobs[b, : len(ids)])
+            results.append(Completion(text, reason, len(rows[b]), count, token_ids, logprobs))
         return results
 
 
@@ -279,7 +288,7 @@ def load_policy(
     config_json: str | os.PathLike | None = None,
     tokenizer: str | None = None,
     step: int | None = None,
-    params_key: str = "actor_params",
+    params_key: str | None = None,
     dtype: str | None = None,
     **policy_kwargs,
 ) -> Policy:

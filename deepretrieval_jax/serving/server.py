@@ -12,13 +12,16 @@ Invariants:
 - Limits: request bodies over `max_body_bytes` get 413; prompts over `max_input_tokens` get
   400; `max_tokens` above `max_new_tokens` get 400; a full queue gets 503 (with Retry-After),
   a request not done within `timeout_s` gets 504. Malformed JSON, unknown fields' wrong types,
-  unknown tasks and unsupported options (n > 1, stream) get 400; an unknown model gets 404.
+  unknown tasks and unsupported options (n > MAX_N, echo, top logprobs) get 400; an unknown
+  model gets 404. `n` choices are n scheduler requests; `stream=true` sends the finished
+  choices as server-sent events (serving/choices.py).
   Every error body is OpenAI-shaped: {"error": {"message", "type", "param", "code"}}.
 - Binds to 127.0.0.1 unless told otherwise (`launch/serve.py --host`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 import uuid
@@ -28,6 +31,7 @@ from typing import Any
 from aiohttp import web
 
 from deepretrieval_jax.data.tasks import TaskSpec
+from deepretrieval_jax.serving import choices as choices_lib
 from deepretrieval_jax.serving import openai_api as oa
 from deepretrieval_jax.serving import rewrite
 from deepretrieval_jax.serving.policy import GenSettings, Policy, cut_at_stop
@@ -123,47 +127,100 @@ class Service:
         out["usage"] = oa.usage(completion)
         return web.json_response(out)
 
-    async def completions(self, request: web.Request) -> web.Response:
+    async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await oa.json_body(request)
         oa.check_openai(body, oa.COMPLETION_FIELDS, self.policy.name)
+        out = oa.output_options(body, chat=False)
         prompt = oa.prompt_field(body, self.policy.num_ids)
         settings, max_tokens = oa.sampling(
             body, self.policy.max_new_tokens, self.config.default_completion_tokens
         )
-        completion = await self.generate(prompt, settings, max_tokens)
-        text, hit = cut_at_stop(completion.text, settings.stop)
-        choice = {"index": 0, "text": text, "logprobs": None,
-                  "finish_reason": "stop" if hit else completion.finish_reason}  # fmt: skip
-        return web.json_response(self._envelope("cmpl", "text_completion", choice, completion))
+        completions = await self._generate_n(prompt, settings, max_tokens, out.n)
+        head = self._head("cmpl", "text_completion")
+        choices, pieces = [], []
+        for i, c in enumerate(completions):
+            text, reason, segs = self._cut(c, settings, out)
+            lp = choices_lib.completion_logprobs(self.policy, c, segs) if out.logprobs else None
+            choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": reason})
+            pieces.append((c, segs))
+        if not out.stream:
+            return web.json_response({**head, "choices": choices, "usage": _usage(completions)})
 
-    async def chat(self, request: web.Request) -> web.Response:
+        def chunks():
+            for i, (c, segs) in enumerate(pieces):
+                for seg in segs:
+                    lp = None
+                    if out.logprobs:
+                        lp = choices_lib.completion_logprobs(self.policy, c, [seg])
+                    yield {**head, "choices": [{"index": i, "text": seg.text, "logprobs": lp,
+                                                "finish_reason": None}]}  # fmt: skip
+                last = {"index": i, "text": "", "logprobs": None,
+                        "finish_reason": choices[i]["finish_reason"]}  # fmt: skip
+                yield {**head, "choices": [last]}
+            if out.include_usage:
+                yield {**head, "choices": [], "usage": _usage(completions)}
+
+        return await _stream(request, chunks())
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await oa.json_body(request)
         oa.check_openai(body, oa.CHAT_FIELDS, self.policy.name)
+        out = oa.output_options(body, chat=True)
         messages = oa.messages_field(body)
         try:
             prompt = self.policy.render_chat(messages)
         except Exception as e:  # a template that rejects the conversation (roles, order)
             raise ApiError(400, f"the chat template rejected the messages: {e}") from None
         settings, max_tokens = oa.sampling(body, self.policy.max_new_tokens)
-        completion = await self.generate(prompt, settings, max_tokens)
-        text, hit = cut_at_stop(completion.text, settings.stop)
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": None,
-            "finish_reason": "stop" if hit else completion.finish_reason,
-        }
-        return web.json_response(self._envelope("chatcmpl", "chat.completion", choice, completion))
+        completions = await self._generate_n(prompt, settings, max_tokens, out.n)
+        choices, pieces = [], []
+        for i, c in enumerate(completions):
+            text, reason, segs = self._cut(c, settings, out)
+            lp = choices_lib.chat_logprobs(self.policy, c, segs) if out.logprobs else None
+            message = {"role": "assistant", "content": text}
+            choices.append(
+                {"index": i, "message": message, "logprobs": lp, "finish_reason": reason}
+            )
+            pieces.append((c, segs))
+        if not out.stream:
+            head = self._head("chatcmpl", "chat.completion")
+            return web.json_response({**head, "choices": choices, "usage": _usage(completions)})
+        head = self._head("chatcmpl", "chat.completion.chunk")
 
-    def _envelope(self, prefix: str, obj: str, choice: dict, completion) -> dict:
-        return {
-            "id": f"{prefix}-{uuid.uuid4().hex}",
-            "object": obj,
-            "created": int(time.time()),
-            "model": self.policy.name,
-            "choices": [choice],
-            "usage": oa.usage(completion),
-        }
+        def chunks():
+            for i, (c, segs) in enumerate(pieces):
+                first = {"index": i, "delta": {"role": "assistant", "content": ""},
+                         "logprobs": None, "finish_reason": None}  # fmt: skip
+                yield {**head, "choices": [first]}
+                for seg in segs:
+                    lp = choices_lib.chat_logprobs(self.policy, c, [seg]) if out.logprobs else None
+                    yield {**head, "choices": [{"index": i, "delta": {"content": seg.text},
+                                                "logprobs": lp, "finish_reason": None}]}  # fmt: skip
+                last = {"index": i, "delta": {}, "logprobs": None,
+                        "finish_reason": choices[i]["finish_reason"]}  # fmt: skip
+                yield {**head, "choices": [last]}
+            if out.include_usage:
+                yield {**head, "choices": [], "usage": _usage(completions)}
+
+        return await _stream(request, chunks())
+
+    async def _generate_n(self, prompt, settings: GenSettings, max_tokens: int, n: int):
+        """`n` completions of one prompt: n requests of the scheduler (they batch together)."""
+        return await asyncio.gather(
+            *(self.generate(prompt, settings, max_tokens) for _ in range(n))
+        )
+
+    def _cut(self, completion, settings: GenSettings, out: oa.OutputOptions):
+        """(text cut at the stop string, finish reason, token segments when needed)."""
+        text, hit = cut_at_stop(completion.text, settings.stop)
+        reason = "stop" if hit else completion.finish_reason
+        need = out.stream or out.logprobs
+        segs = choices_lib.segments(self.policy, completion, text) if need else []
+        return text, reason, segs
+
+    def _head(self, prefix: str, obj: str) -> dict:
+        return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": obj,
+                "created": int(time.time()), "model": self.policy.name}  # fmt: skip
 
     async def models(self, request: web.Request) -> web.Response:
         card = {"id": self.policy.name, "object": "model", "created": 0, "owned_by": "local"}
@@ -175,6 +232,26 @@ class Service:
 
     async def stats(self, request: web.Request) -> web.Response:
         return web.json_response({**self.scheduler.stats(), "sampler_calls": self.policy.calls})
+
+
+def _usage(completions) -> dict[str, int]:
+    """Usage of `n` choices: the prompt counted once, the completions summed."""
+    prompt = completions[0].prompt_tokens
+    generated = sum(c.completion_tokens for c in completions)
+    return {"prompt_tokens": prompt, "completion_tokens": generated,
+            "total_tokens": prompt + generated}  # fmt: skip
+
+
+async def _stream(request: web.Request, chunks) -> web.StreamResponse:
+    """Sends `chunks` as server-sent events (`data: {...}` ... `data: [DONE]`)."""
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+    for event in choices_lib.sse(chunks):
+        await response.write(event)
+    await response.write_eof()
+    return response
 
 
 def make_app(service: Service) -> web.Application:

@@ -1,0 +1,210 @@
+"""Export a run's policy checkpoint as a Hugging Face directory that generates correctly.
+
+`launch/export_hf.py` is a thin shell around `export_run`. Everything a user can get wrong is
+checked *before* any weights are restored or written:
+
+- Tokenizer: `~` is expanded and the directory must hold tokenizer files.
+- End ids: generation_config.json gets `eos_token_id` (every end id of the tokenizer; Qwen2.5:
+  `<|im_end|>` then `<|endoftext|>`) and `pad_token_id`, so `transformers.generate` stops where
+  training's sampler stopped. They come from the tokenizer or from explicit `eos_ids`; with
+  neither, the export is refused (an export whose generate never stops is worse than none).
+- Compact vocabulary: a run trained with `model.compact_vocab` writes `WORKDIR/vocab_map.json`
+  (`write_vocab_map`); the export copies it next to the weights and maps the end/pad ids into the
+  model's vocabulary. A compact run (its `WORKDIR/config.json` says so, or the model's vocabulary
+  is smaller than the tokenizer's) without a vocab map is refused.
+
+Paths go through `etils.epath` (deepretrieval_jax/workdir.py), so the run directory and the
+output directory may be gs:// URLs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from etils import epath
+
+from deepretrieval_jax.workdir import Mirror, as_path
+
+VOCAB_MAP_FILE = "vocab_map.json"
+RUN_CONFIG_FILE = "config.json"
+
+
+def write_vocab_map(workdir: str | os.PathLike, tokenizer_name: str, ids) -> epath.Path:
+    """Writes WORKDIR/vocab_map.json: model id i is tokenizer id ids[i]."""
+    path = as_path(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    out = path / VOCAB_MAP_FILE
+    out.write_text(json.dumps({"tokenizer": tokenizer_name, "ids": [int(i) for i in ids]}))
+    return out
+
+
+def run_dir(checkpoint_dir: str | os.PathLike) -> epath.Path:
+    """The training run's workdir of a checkpoint directory (itself or its parent)."""
+    path = as_path(checkpoint_dir)
+    return path if (path / "checkpoints").is_dir() else path.parent
+
+
+def run_config(checkpoint_dir: str | os.PathLike):
+    """The run's resolved config (WORKDIR/config.json, as a ConfigDict), or None."""
+    import ml_collections
+
+    path = run_dir(checkpoint_dir) / RUN_CONFIG_FILE
+    if not path.exists():
+        return None
+    try:
+        return ml_collections.ConfigDict(json.loads(path.read_text())["config"])
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{path}: not a run config ({type(e).__name__}: {e})") from None
+
+
+def model_config_of_run(checkpoint_dir: str | os.PathLike):
+    """The model of a run, from its config.json: the preset with its overrides and, for a
+    compact vocabulary, the size its vocab_map.json gives (as the trainer computed it)."""
+    from deepretrieval_jax.rl import setup
+
+    cfg = run_config(checkpoint_dir)
+    if cfg is None:
+        raise FileNotFoundError(
+            f"{run_dir(checkpoint_dir) / RUN_CONFIG_FILE}: no run config; give --model or "
+            "--config_json"
+        )
+    model_cfg = setup.model_config(cfg)
+    if cfg.model.get("compact_vocab", False):
+        vm_path = run_dir(checkpoint_dir) / VOCAB_MAP_FILE
+        if not vm_path.exists():
+            raise FileNotFoundError(f"{vm_path}: a compact-vocabulary run without its vocab map")
+        ids = json.loads(vm_path.read_text())["ids"]
+        model_cfg = model_cfg.replace(vocab_size=setup.VocabMap(ids).model_vocab_size())
+    return model_cfg
+
+
+def run_tokenizer_dir(checkpoint_dir: str | os.PathLike) -> str | None:
+    """The tokenizer directory the run used: its `tokenizer.name` (the offline Qwen2.5 one is
+    built into its cache directory), else its `model.hf_path`; None without a run config."""
+    cfg = run_config(checkpoint_dir)
+    if cfg is None:
+        return None
+    name = cfg.get("tokenizer", {}).get("name", "") or cfg.get("model", {}).get("hf_path", "")
+    if name == "qwen2.5":
+        from deepretrieval_jax.tokenizer import Tokenizer
+
+        return str(Tokenizer.qwen25().hf.name_or_path)
+    return name or None
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """What the export writes besides the weights (all checked before restoring)."""
+
+    tokenizer_dir: str | None  # tokenizer files copied next to the weights
+    generation_config: dict  # generation_config.json
+    vocab_map: dict | None  # vocab_map.json of a compact-vocabulary run
+
+
+def _load_tokenizer(tokenizer_dir: str):
+    from deepretrieval_jax import hf_io
+    from deepretrieval_jax.tokenizer import Tokenizer
+
+    path = as_path(tokenizer_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--tokenizer_dir: {path} is not a directory")
+    if not any((path / n).exists() for n in hf_io.TOKENIZER_FILES):
+        raise FileNotFoundError(f"--tokenizer_dir: no tokenizer files in {path}")
+    return str(path), Tokenizer.from_dir(str(path))
+
+
+def _compact_in_config(workdir: epath.Path) -> bool:
+    path = workdir / RUN_CONFIG_FILE
+    if not path.exists():
+        return False
+    try:
+        run_config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return bool(run_config.get("config", {}).get("model", {}).get("compact_vocab", False))
+
+
+def plan_export(
+    checkpoint_dir: str | os.PathLike,
+    model_vocab_size: int,
+    tokenizer_dir: str | None = None,
+    eos_ids: list[int] | None = None,
+    vocab_map_path: str | None = None,
+) -> ExportPlan:
+    """Resolves tokenizer, end ids and vocab map; raises a one-line error on any problem.
+
+    Args:
+      checkpoint_dir: the CheckpointManager directory (or the run's workdir).
+      model_vocab_size: the exported model's vocabulary size.
+      tokenizer_dir: HF tokenizer directory to copy along and to take the end ids from.
+      eos_ids: explicit end ids (tokenizer ids); override the tokenizer's.
+      vocab_map_path: a vocab_map.json; default WORKDIR/vocab_map.json when it exists.
+    """
+    workdir = run_dir(checkpoint_dir)
+    tok_path, tok = _load_tokenizer(tokenizer_dir) if tokenizer_dir else (None, None)
+    vocab_map = None
+    vm_path = as_path(vocab_map_path) if vocab_map_path else workdir / VOCAB_MAP_FILE
+    if vm_path.exists():
+        vocab_map = json.loads(vm_path.read_text())
+        if not isinstance(vocab_map.get("ids"), list):
+            raise ValueError(f"{vm_path}: expected {{'tokenizer': ..., 'ids': [...]}}")
+    elif vocab_map_path:
+        raise FileNotFoundError(f"--vocab_map: {vm_path} does not exist")
+    compact = _compact_in_config(workdir) or (tok is not None and tok.vocab_size > model_vocab_size)
+    if compact and vocab_map is None:
+        raise ValueError(
+            f"{checkpoint_dir}: a compact-vocabulary model (vocab {model_vocab_size}) but no "
+            f"{VOCAB_MAP_FILE} in {workdir}; give --vocab_map (the run writes it to its workdir)"
+        )
+    if eos_ids is None and tok is None:
+        raise ValueError(
+            "give --tokenizer_dir or --eos_token_ids: without end ids in "
+            "generation_config.json, transformers.generate never stops at <|im_end|>"
+        )
+    eos = list(eos_ids) if eos_ids is not None else list(tok.eos_ids)
+    pad = tok.pad_id if tok is not None else eos[0]
+    if vocab_map is not None:  # tokenizer ids -> model ids
+        index = {int(t): i for i, t in enumerate(vocab_map["ids"])}
+        missing = [t for t in (*eos, pad) if t not in index]
+        if missing:
+            raise ValueError(f"{vm_path}: end/pad ids {missing} are not in the vocab map")
+        eos, pad = [index[t] for t in eos], index[pad]
+        tok_path = None  # a compact model's ids are not the tokenizer's: no tokenizer files
+    gen = {"eos_token_id": eos, "pad_token_id": pad}
+    return ExportPlan(tokenizer_dir=tok_path, generation_config=gen, vocab_map=vocab_map)
+
+
+def export_run(
+    checkpoint_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config,
+    plan: ExportPlan,
+    step: int | None = None,
+    params_key: str | None = None,
+    dtype: str | None = None,
+    mesh=None,
+) -> epath.Path:
+    """Restores `step`'s params (sharded over `mesh`) and writes the HF directory of `plan`."""
+    from absl import logging
+
+    from deepretrieval_jax import checkpoint, hf_io
+
+    params = checkpoint.restore_policy_params(
+        checkpoint_dir, config, step=step, key=params_key, mesh=mesh
+    )
+    logging.info("Restored %s; writing %s", checkpoint_dir, out_dir)
+    mirror = Mirror(out_dir)  # safetensors writes local files; copied to a gs:// out_dir
+    hf_io.save_params(
+        params,
+        config,
+        mirror.local,
+        tokenizer=plan.tokenizer_dir,
+        dtype=dtype,
+        generation_config=plan.generation_config,
+    )
+    if plan.vocab_map is not None:
+        (mirror.local / VOCAB_MAP_FILE).write_text(json.dumps(plan.vocab_map))
+    mirror.close()
+    return mirror.remote

@@ -1,0 +1,99 @@
+"""gs:// workdirs without a network: an in-memory fsspec filesystem stands in for GCS.
+
+What runs here through `etils.epath` on the fake bucket: metrics.jsonl, TensorBoard events,
+samples and the reward plot (staged locally, copied by `workdir.Mirror`, resumed from the
+bucket), WORKDIR/config.json, the vocab map, and an HF export. Orbax checkpoints are not
+covered (orbax writes arrays with tensorstore, whose GCS driver needs the real service); only
+that the gs:// URL reaches orbax intact.
+"""
+
+import json
+
+import fsspec
+import numpy as np
+import pytest
+from etils import epath
+from fsspec.implementations.memory import MemoryFileSystem
+
+from deepretrieval_jax import metrics, workdir
+
+
+class FakeGCS(MemoryFileSystem):
+    """MemoryFileSystem answering to gs:// (its store is a fresh dict per test)."""
+
+    protocol = ("gs", "gcs")
+    store: dict = {}
+    pseudo_dirs = [""]
+
+
+@pytest.fixture
+def bucket():
+    FakeGCS.store, FakeGCS.pseudo_dirs = {}, [""]
+    for name in FakeGCS.protocol:
+        fsspec.register_implementation(name, FakeGCS, clobber=True)
+    epath.backend.fsspec_backend._get_filesystem.cache_clear()
+    yield epath.Path("gs://bucket")
+    epath.backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+def test_metrics_tensorboard_and_plot_land_in_the_bucket_and_resume(bucket):
+    run = "gs://bucket/runs/a"
+    w = metrics.MetricsWriter(run, total_steps=3, enabled=True, progress=False)
+    w.write(1, {"reward/mean": 0.25})
+    w.write(2, {"reward/mean": 0.5})
+    w.write_texts(2, "val/completions", ["<answer>x</answer>"])
+    w.close()
+    remote = bucket / "runs" / "a"
+    assert [r["step"] for r in metrics.read_jsonl(f"{run}/metrics.jsonl")] == [1, 2]
+    assert list((remote / "tb").iterdir()) and (remote / "samples.jsonl").exists()
+    assert (remote / "reward_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert any("bucket/runs/a/metrics.jsonl" in k for k in FakeGCS.store)  # in the fake bucket
+
+    # Resumed from step 1: the bucket's log is pulled, step 2 is dropped and written again.
+    w = metrics.MetricsWriter(run, start_step=1, enabled=True, progress=False)
+    w.write(2, {"reward/mean": 0.75})
+    w.close()
+    records = metrics.read_jsonl(f"{run}/metrics.jsonl")
+    assert [(r["step"], r["reward/mean"]) for r in records] == [(1, 0.25), (2, 0.75)]
+    assert len(list((remote / "tb").iterdir())) == 2  # both runs' event files
+
+
+def test_run_config_vocab_map_and_checkpoint_paths_keep_the_url(bucket):
+    import ml_collections
+
+    from deepretrieval_jax import checkpoint, export, runtime
+
+    cfg = ml_collections.ConfigDict({"model": {"compact_vocab": True}})
+    assert runtime.write_run_config(cfg, "gs://bucket/r", "x:y") == "gs://bucket/r/config.json"
+    assert json.loads((bucket / "r" / "config.json").read_text())["config"] == cfg.to_dict()
+    export.write_vocab_map("gs://bucket/r", "qwen2.5", [0, 5, 9])
+    assert json.loads((bucket / "r" / "vocab_map.json").read_text())["ids"] == [0, 5, 9]
+    ckpt_dir = workdir.as_path("gs://bucket/r") / "checkpoints"  # what the trainer builds
+    assert str(checkpoint._as_path(str(ckpt_dir))) == "gs://bucket/r/checkpoints"
+    plan = export.plan_export("gs://bucket/r/checkpoints", 256, eos_ids=[5])
+    assert plan.vocab_map["ids"] == [0, 5, 9] and plan.generation_config["eos_token_id"] == [1]
+
+
+def test_hf_export_to_the_bucket(bucket, tmp_path):
+    from tiny_models import random_params
+
+    from deepretrieval_jax import export
+    from deepretrieval_jax.checkpoint import CheckpointManager
+    from deepretrieval_jax.models import CausalLM, ModelConfig
+
+    config = ModelConfig.tiny()
+    params = random_params(CausalLM(config), config, seed=2)
+    with CheckpointManager(tmp_path / "ckpt", async_save=False) as mgr:
+        mgr.save(1, {"actor_params": params})
+    plan = export.plan_export(tmp_path / "ckpt", config.vocab_size, eos_ids=[3])
+    out = export.export_run(tmp_path / "ckpt", "gs://bucket/hf", config, plan)
+    assert str(out) == "gs://bucket/hf"
+    names = sorted(p.name for p in (bucket / "hf").iterdir())
+    assert names == ["config.json", "generation_config.json", "model.safetensors"]
+    from safetensors.numpy import load
+
+    tensors = load((bucket / "hf" / "model.safetensors").read_bytes())
+    np.testing.assert_array_equal(
+        tensors["model.embed_tokens.weight"],
+        np.asarray(params["transformer"]["embedder"]["embedding"]),
+    )
