@@ -283,8 +283,13 @@ def policy_generate_fn(
     batch_size: int = 16,
     prompt_buckets: Sequence[int] = (128, 256, 512),
     mesh=None,
+    stop: Sequence[str] = (),
+    spec: TaskSpec | None = None,
 ) -> GenerateFn:
     """A `GenerateFn` decoding with the project's jitted sampler (greedy when temperature 0).
+
+    `stop`: stop strings (as in training); with `spec`, a completion that ended on one is
+    closed by `data.tasks.finish_completion` (the task's `answer_suffix`).
 
     `codec` turns text into model ids and back: a `Tokenizer`, or `rl.setup.Codec` for a
     compact-vocabulary model (`encode`, `decode`, `eos_ids`, `pad_id`). Batches of
@@ -297,8 +302,19 @@ def policy_generate_fn(
 
     from deepretrieval_jax import sampler as sampler_lib
 
+    from deepretrieval_jax.data.tasks import finish_completion
+    from deepretrieval_jax.sampling import token_bytes_from_tokenizer
+
     greedy = decode.temperature == 0
     eos = tuple(int(i) for i in codec.eos_ids)
+    stop = tuple(stop)
+    token_bytes = None
+    if stop:
+        if getattr(codec, "vocab_map", None) is not None:
+            raise ValueError("stop strings cannot be used with a compact-vocabulary model")
+        token_bytes = token_bytes_from_tokenizer(
+            getattr(codec, "tokenizer", codec), model_config.vocab_size
+        )
     config = sampler_lib.SamplingConfig(
         method="greedy" if greedy else "sample",
         temperature=1.0 if greedy else decode.temperature,
@@ -307,10 +323,12 @@ def policy_generate_fn(
         max_new_tokens=decode.max_new_tokens,
         eos_ids=eos,
         pad_id=int(codec.pad_id),
+        stop=stop,
     )
     sampler = sampler_lib.Sampler(
-        sampler_lib.causal_lm_fns(model_config), config, mesh=mesh, prompt_buckets=prompt_buckets
-    )
+        sampler_lib.causal_lm_fns(model_config), config, mesh=mesh,
+        prompt_buckets=prompt_buckets, token_bytes=token_bytes,
+    )  # fmt: skip
     key = jax.random.key(decode.seed)
 
     def left_pad(texts):
@@ -328,11 +346,16 @@ def policy_generate_fn(
             tokens, mask = left_pad(prompts[i : i + batch_size])
             res = sampler(params, tokens, mask, jax.random.fold_in(key, i // batch_size))
             rows, lengths = np.asarray(res.tokens_BnxL), np.asarray(res.lengths_Bn)
-            for row, n in zip(rows, lengths, strict=True):
+            reasons = np.asarray(res.finish_reason_Bn)
+            for row, n, reason in zip(rows, lengths, reasons, strict=True):
                 ids = row[:n]
                 if n and int(ids[-1]) in eos:
                     ids = ids[:-1]
-                out.append(codec.decode(ids))
+                text = codec.decode(ids)
+                if spec is not None:
+                    stopped = int(reason) == sampler_lib.FinishReason.STOP_STRING
+                    text = finish_completion(spec, text, stopped, stop)
+                out.append(text)
         return out
 
     return generate
@@ -366,6 +389,7 @@ def _policy(cfg, decode: DecodeSpec):
     generate = policy_generate_fn(
         model_cfg, params, codec, decode, batch_size=cfg.eval.batch_size,
         prompt_buckets=tuple(cfg.data.prompt_buckets), mesh=mesh,
+        stop=tuple(cfg.sampling.stop), spec=setup.task_spec(cfg),
     )  # fmt: skip
     return generate, codec.tokenizer
 
@@ -378,11 +402,10 @@ def run(cfg, workdir: str | os.PathLike) -> EvalReport:
     from deepretrieval_jax import eval_report
     from deepretrieval_jax.config import resolve_data_dir
     from deepretrieval_jax.data import backends
-    from deepretrieval_jax.data.tasks import get_task
     from deepretrieval_jax.rl import setup
 
     e = cfg.eval
-    spec = get_task(cfg.data.task)
+    spec = setup.task_spec(cfg)
     data_dir = resolve_data_dir(cfg.data.data_dir)
     examples = list(setup.load_examples(cfg, spec, e.split))
     if e.num_examples > 0:
