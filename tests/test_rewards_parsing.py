@@ -1,13 +1,22 @@
 """Tests for rewards/parsing.py and rewards/retrieval_metrics.py."""
 
 import math
+import re
+import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deepretrieval_jax.rewards import retrieval_metrics as rm
-from deepretrieval_jax.rewards.parsing import check_tags, extract_payload, parse_completion
+from deepretrieval_jax.rewards.parsing import (
+    MAX_RESPONSE_CHARS,
+    _unfence,
+    check_tags,
+    extract_payload,
+    last_answer_span,
+    parse_completion,
+)
 
 GOOD = '<think>\nreason</think>\n<answer>{"query": "a AND b"}</answer>'
 
@@ -99,6 +108,50 @@ def test_parser_never_raises(text, suffix, reasoning):
     if parsed.value is not None:
         assert parsed.value.strip() == parsed.value and parsed.value
     assert (parsed.error is None) == parsed.ok
+
+
+# The regular expressions the scanner replaced: an independent reference for what it finds.
+_REF_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_REF_FENCE = re.compile(r"^```[a-zA-Z]*\s*(.*?)\s*```$", re.DOTALL)
+_PIECES = st.sampled_from(["<answer>", "</answer>", "```", "json", " ", "\n", "{", "}", "x"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(_PIECES, st.text(max_size=4)), max_size=16).map("".join))
+def test_scanner_matches_the_reference_regexes(text):
+    matches = _REF_ANSWER.findall(text)
+    assert last_answer_span(text) == (matches[-1] if matches else None)
+    stripped = text.strip()
+    fenced = _REF_FENCE.match(stripped)
+    assert _unfence(stripped) == (fenced.group(1).strip() if fenced else stripped)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "```" + " " * 4096 + "x",  # Unclosed fence: cubic under the old fence regex.
+        "```json" + " \n" * 4096 + "{}" + " " * 4096,
+    ],
+)
+def test_parse_is_linear_on_hostile_fences(answer):
+    start = time.perf_counter()
+    parsed = parse_completion(f"<think>t</think><answer>{answer}</answer>")
+    assert time.perf_counter() - start < 0.1
+    assert parsed.value is None and parsed.tags_ok
+
+
+def test_parse_is_linear_on_many_unclosed_answer_tags():
+    """20,000 `<answer>` without a close: quadratic (14 s) under the old findall."""
+    start = time.perf_counter()
+    parsed = parse_completion("<answer>" * 20_000 + '{"query": "x"}')
+    assert time.perf_counter() - start < 0.1
+    assert parsed.value is None
+
+
+def test_overlong_response_is_a_format_failure():
+    parsed = parse_completion(" " * MAX_RESPONSE_CHARS + '<answer>{"query": "x"}</answer>', "")
+    assert (parsed.tags_ok, parsed.value) == (False, None)
+    assert "longer than" in parsed.error
 
 
 # Metrics -------------------------------------------------------------------------------------

@@ -114,6 +114,27 @@ def test_parser_precedence():
     assert not qs.is_boolean('Apolipoprotein E4 (APOE4) "allele"')
 
 
+@pytest.mark.parametrize(
+    "query",
+    [
+        "(" * 1000 + "aspirin AND heart" + ")" * 1000,
+        "NOT " * 995 + "heart",  # Within max_query_chars (4,000).
+        "aspirin AND " + "(NOT " * 600 + "heart" + ")" * 600,
+    ],
+)
+def test_deep_nesting_is_a_malformed_query_not_a_recursion_error(index, tmp_path, query):
+    """Issue 14: ~1,000 nested parentheses or NOTs raised RecursionError (scored as an
+    infrastructure failure); they are the policy's malformed query."""
+    with pytest.raises(qs.MalformedQuery, match="nested deeper"):
+        qs.parse(query)
+    assert index.search(query) == index.search(qs.bag_of_words(query))
+    index.save(str(tmp_path / "idx"))
+    with pytest.raises(QueryRejected, match="nested deeper"):
+        BM25Index.load(str(tmp_path / "idx"), malformed="reject").search(query)
+    depth = qs.MAX_DEPTH - 1  # Nesting within the bound still parses.
+    assert qs.parse("(" * depth + "a AND b" + ")" * depth) == qs.And((qs.Term("a"), qs.Term("b")))
+
+
 def test_plain_text_is_bag_of_words_and_stopwords_only_is_empty(index):
     assert index.search("aspirin stroke")[0] == "d4"
     # Parentheses and quotes without an operator: still bag-of-words.

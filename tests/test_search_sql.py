@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from deepretrieval_jax.search.base import BackendError, QueryRejected
+from deepretrieval_jax.search.base import BackendError, DataFileError, QueryRejected
 from deepretrieval_jax.search.sql import (
     SQLBackend,
     SQLConfig,
@@ -143,3 +143,71 @@ def test_gold_is_cached_and_gold_failure_is_backend_error(db):
         assert results == [[(i + 3,)] for i in range(8)]
 
     run(main())
+
+
+# Issue 14: hard bounds on hostile SQL, WAL databases, broken files -----------------------
+
+
+def test_printf_bomb_is_rejected_at_once_and_printf_still_works(db):
+    backend = SQLBackend(SQLConfig(timeout_s=0.5))
+    bomb = "SELECT " + ", ".join(["length(printf('%.*c', 200000000, 'x'))"] * 3)
+    start = time.monotonic()
+    with pytest.raises(QueryRejected, match="SQL error"):
+        run(backend.search(bomb, db_path=str(db)))
+    assert time.monotonic() - start < 0.5  # 2 s per call before the width bound.
+    ok = "SELECT printf('%.2f|%5d|%-3s|%%|%*d', 3.14159, 42, 'a', 4, 7), format('%s!', name) FROM people"
+    rows = run(backend.search(ok + " WHERE id = 1", db_path=str(db)))
+    assert rows == [("3.14|   42|a  |%|   7", "ann!")]
+    with pytest.raises(QueryRejected, match="not authorized"):
+        run(backend.search("SELECT length(zeroblob(100))", db_path=str(db)))
+
+
+def test_timer_stops_a_query_the_progress_handler_does_not_see(db):
+    """The progress handler is only checked every `progress_ops` VM instructions; the timer's
+    interrupt() stops the statement at the deadline anyway."""
+    backend = SQLBackend(SQLConfig(timeout_s=0.3, progress_ops=2_000_000_000))
+    start = time.monotonic()
+    with pytest.raises(SQLTimeout):
+        run(backend.search(RUNAWAY, db_path=str(db)))
+    assert time.monotonic() - start < 2.0
+
+
+def test_result_byte_cap(db):
+    wide = (
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 100)"
+        " SELECT x, printf('%5000c', 'y') FROM c"
+    )
+    assert len(run(SQLBackend().search(wide, db_path=str(db)))) == 100
+    with pytest.raises(SQLResultTooLarge, match="larger than 100000 bytes"):
+        run(SQLBackend(SQLConfig(max_result_bytes=100_000)).search(wide, db_path=str(db)))
+
+
+def test_wal_database_grows_no_side_files(db):
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA journal_mode=WAL").fetchone() == ("wal",)
+    conn.close()
+    before, files = digest(db), sorted(os.listdir(db.parent))
+    assert files == ["shop.sqlite"]
+    assert run(SQLBackend().search("SELECT count(*) FROM people", db_path=str(db))) == [(3,)]
+    assert sorted(os.listdir(db.parent)) == files and digest(db) == before
+
+
+@pytest.mark.parametrize("content", [b"", b"\0" * 8192, b"definitely not sqlite" * 100])
+def test_broken_database_is_a_data_error_naming_the_file(tmp_path, content):
+    path = tmp_path / "broken.sqlite"
+    path.write_bytes(content)
+    with pytest.raises(DataFileError, match="broken.sqlite"):
+        run(SQLBackend().search("SELECT * FROM people", db_path=str(path)))
+
+
+def test_corrupt_page_is_a_data_error(db):
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE big (t TEXT)")
+    conn.executemany("INSERT INTO big VALUES (?)", [("x" * 500,)] * 200)
+    conn.commit()
+    conn.close()
+    data = bytearray(db.read_bytes())
+    data[-4096 * 8 :] = b"\xff" * (4096 * 8)  # Trash the last pages (the big table's data).
+    db.write_bytes(bytes(data))
+    with pytest.raises(DataFileError, match="shop.sqlite"):
+        run(SQLBackend().search("SELECT count(*), max(t) FROM big", db_path=str(db)))

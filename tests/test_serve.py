@@ -202,7 +202,9 @@ def test_malformed_and_oversize_requests_get_4xx(policy):
         ):
             out = [(await post(http, p, b), code, param) for p, b, code, param in bad]
             raw = []
-            for data in (b"{not json", b"[1, 2]", b"NaN", b"x" * 5000):
+            hostile = (b'{"prompt": "a\\ud800b"}', b'{"messages": [{"role": "user", '
+                       b'"content": "\\udfff"}]}', b'{"prompt": ' + b"[" * 3000)  # fmt: skip
+            for data in (b"{not json", b"[1, 2]", b"NaN", b"x" * 5000, *hostile):
                 async with http.post("/v1/completions", data=data) as r:
                     raw.append((r.status, await r.json()))
             async with http.get("/v1/completions") as r:
@@ -213,7 +215,10 @@ def test_malformed_and_oversize_requests_get_4xx(policy):
     for (status, body, _), code, param in out:
         assert status == code, (param, body)
         assert body["error"]["param"] == param and body["error"]["message"], body
-    assert [s for s, _ in raw] == [400, 400, 400, 413, 405]
+    # Issue 14: lone surrogates and deep nesting were 500s (a server fault); they are 400s.
+    assert [s for s, _ in raw] == [400, 400, 400, 413, 400, 400, 400, 405]
+    assert "surrogate" in raw[4][1]["error"]["message"]
+    assert "nested too deeply" in raw[6][1]["error"]["message"]
     assert all(b["error"]["message"] for _, b in raw)
     assert stats["submitted"] == 0, "invalid requests must never reach the device"
 

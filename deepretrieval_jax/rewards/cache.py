@@ -16,7 +16,10 @@ Invariants:
               misses fails through the pool's invalid-fraction threshold (set it to 0 for strict
               replay).
 - sqlite in WAL mode with a 30 s busy timeout, so several processes can share one file. Writes
-  are committed by `flush()` (the pool flushes after each batch) and by `close()`.
+  are committed by `flush()` (the pool flushes after each batch) and by `close()`. Replay opens
+  the file read-only (`mode=ro`): it never changes the recorded cache, not even its journal
+  mode. A file that is not a cache (not sqlite, corrupt, no `outcomes` table in replay, a
+  stored value that is not JSON) is a `DataFileError` naming it.
 - Thread safety: one lock around the LRU and the connection; the pool calls it from its loop.
 """
 
@@ -31,10 +34,11 @@ import re
 import sqlite3
 import threading
 import unicodedata
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
-from deepretrieval_jax.search.base import BackendError
+from deepretrieval_jax.search.base import BackendError, DataFileError
 
 _SPACES = re.compile(r"\s+")
 
@@ -90,13 +94,26 @@ class ResultCache:
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
         if self.path:
-            self._db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS outcomes (key TEXT PRIMARY KEY, backend TEXT,"
-                " query TEXT, params TEXT, kind TEXT, value TEXT)"
-            )
-            self._db.commit()
+            try:
+                self._db = self._open(self.path, read_only=self.mode == CacheMode.REPLAY)
+            except sqlite3.DatabaseError as exc:
+                raise DataFileError(f"{self.path}: not a usable result cache: {exc}") from None
+
+    @staticmethod
+    def _open(path: str, read_only: bool) -> sqlite3.Connection:
+        if read_only:
+            uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro"
+            db = sqlite3.connect(uri, uri=True, timeout=30.0, check_same_thread=False)
+            db.execute("SELECT kind, value FROM outcomes LIMIT 1").fetchall()
+            return db
+        db = sqlite3.connect(path, timeout=30.0, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS outcomes (key TEXT PRIMARY KEY, backend TEXT,"
+            " query TEXT, params TEXT, kind TEXT, value TEXT)"
+        )
+        db.commit()
+        return db
 
     @property
     def enabled(self) -> bool:
@@ -112,12 +129,15 @@ class ResultCache:
                 return self._lru[key]
             if self._db is None or self.mode == CacheMode.RECORD:
                 return None
-            row = self._db.execute(
-                "SELECT kind, value FROM outcomes WHERE key = ?", (key,)
-            ).fetchone()
-            if row is None:
+            try:
+                row = self._db.execute(
+                    "SELECT kind, value FROM outcomes WHERE key = ?", (key,)
+                ).fetchone()
+                outcome = None if row is None else (row[0], json.loads(row[1]))
+            except (sqlite3.DatabaseError, ValueError, TypeError) as exc:
+                raise DataFileError(f"{self.path}: corrupt result cache entry: {exc}") from None
+            if outcome is None:
                 return None
-            outcome = (row[0], json.loads(row[1]))
             self._remember(key, outcome)
             return outcome
 
@@ -148,13 +168,14 @@ class ResultCache:
 
     def flush(self) -> None:
         with self._lock:
-            if self._db is not None:
+            if self._db is not None and self.mode != CacheMode.REPLAY:
                 self._db.commit()
 
     def close(self) -> None:
         with self._lock:
             if self._db is not None:
-                self._db.commit()
+                if self.mode != CacheMode.REPLAY:
+                    self._db.commit()
                 self._db.close()
                 self._db = None
 

@@ -14,20 +14,25 @@ instructions show example tags) is never looked at, and no "Assistant:" header i
   an empty query is a broken payload, never an exception. Markdown code fences around the JSON
   are tolerated, as is prose around a single `{...}` object.
 
-`parse_completion` never raises for any input text.
+`parse_completion` never raises for any input text, and its time is linear in the text's
+length: it uses `str.find`/`str.count` scans and `json.loads` only (no regular expression that
+can backtrack), and a response longer than `MAX_RESPONSE_CHARS` is a format failure without
+being scanned. It runs on the reward pool's event loop, so this bound is what keeps one hostile
+completion from stalling a batch (measured worst cases: docs/architecture.md, threat model).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_FENCE_RE = re.compile(r"^```[a-zA-Z]*\s*(.*?)\s*```$", re.DOTALL)
+FENCE = "```"
+# Far above any sampled completion (a 4,096-token completion of 128-space tokens is 524,288
+# characters); longer text is a format failure, so parsing time has a hard ceiling.
+MAX_RESPONSE_CHARS = 1_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,9 +54,31 @@ class ParsedAnswer:
 
 
 def last_answer_span(text: str) -> str | None:
-    """The content of the last `<answer>...</answer>` in `text`, or None."""
-    matches = _ANSWER_RE.findall(text)
-    return matches[-1] if matches else None
+    """The content of the last `<answer>...</answer>` in `text`, or None.
+
+    Spans are the non-overlapping, leftmost, shortest ones (what the regex
+    `<answer>(.*?)</answer>` with DOTALL finds), found by a single left-to-right scan.
+    """
+    last, pos = None, 0
+    while True:
+        start = text.find(ANSWER_OPEN, pos)
+        if start < 0:
+            return last
+        end = text.find(ANSWER_CLOSE, start + len(ANSWER_OPEN))
+        if end < 0:
+            return last
+        last = text[start + len(ANSWER_OPEN) : end]
+        pos = end + len(ANSWER_CLOSE)
+
+
+def _unfence(text: str) -> str:
+    """The body of a markdown code fence ```lang ... ``` spanning all of (stripped) `text`."""
+    if len(text) < 2 * len(FENCE) or not (text.startswith(FENCE) and text.endswith(FENCE)):
+        return text
+    i = len(FENCE)
+    while i < len(text) - len(FENCE) and text[i].isascii() and text[i].isalpha():
+        i += 1  # The language tag, e.g. ```json.
+    return text[i : len(text) - len(FENCE)].strip()
 
 
 def _in_order(text: str, tags: tuple[str, ...]) -> bool:
@@ -71,10 +98,7 @@ def check_tags(completion: str, prompt_suffix: str = "", reasoning: bool = True)
 
 def _load_json(text: str):
     """Decodes `text` (optionally fenced, or prose around one object); raises ValueError."""
-    text = text.strip()
-    fenced = _FENCE_RE.match(text)
-    if fenced:
-        text = fenced.group(1).strip()
+    text = _unfence(text.strip())
     try:
         return json.loads(text)
     except RecursionError as exc:
@@ -113,6 +137,8 @@ def parse_completion(
     """Checks tags and extracts the payload of the last answer. Never raises on any text."""
     if not isinstance(completion, str) or not isinstance(prompt_suffix, str):
         return ParsedAnswer(False, None, "completion is not text")
+    if len(prompt_suffix) + len(completion) > MAX_RESPONSE_CHARS:
+        return ParsedAnswer(False, None, f"response longer than {MAX_RESPONSE_CHARS} characters")
     tags_ok = check_tags(completion, prompt_suffix, reasoning)
     answer = last_answer_span(prompt_suffix + completion)
     if answer is None:

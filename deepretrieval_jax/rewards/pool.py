@@ -28,7 +28,8 @@ Invariants:
   infrastructure failures never are. Replay mode never touches a backend.
 - Failure classes: a broken completion or `QueryRejected` -> the task's penalty (valid=True);
   `BackendError`, timeouts, replay misses, errors inside reward code -> valid=False, reward 0.0,
-  counted in metrics, never a penalty. No failure is ever dropped: every request gets exactly
+  counted in metrics, never a penalty. A `DataFileError` (a corrupt task database or index)
+  fails the whole batch: `result()` raises it, naming the file. No failure is ever dropped: every request gets exactly
   one result, in request order. `PendingBatch.result()` raises `RewardBatchError` (results
   attached) when the invalid fraction exceeds `max_invalid_fraction`.
 - Metrics (`metrics()`): samples, invalid_fraction, reward_mean, bucket counts, searches,
@@ -52,7 +53,12 @@ import numpy as np
 
 from deepretrieval_jax.rewards.cache import CacheMode, ReplayMiss, ResultCache, cache_key
 from deepretrieval_jax.rewards.tasks import RewardResult, TaskReward
-from deepretrieval_jax.search.base import BackendError, QueryRejected, SearchBackend
+from deepretrieval_jax.search.base import (
+    BackendError,
+    DataFileError,
+    QueryRejected,
+    SearchBackend,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,6 +323,15 @@ class RewardPool:
         if jobs:
             await asyncio.wait(jobs, timeout=timeout)
         results = []
+        broken = [
+            j
+            for j in jobs
+            if j.done() and not j.cancelled() and isinstance(j.exception(), DataFileError)
+        ]
+        if broken:
+            for job in jobs:
+                job.cancel()
+            raise broken[0].exception()
         for job in jobs:
             if job.done():
                 results.append(job.result())
@@ -354,7 +369,7 @@ class RewardPool:
             if task.grade_in_thread:
                 return await asyncio.to_thread(task.finish, parsed, req.label, outcome)
             return task.finish(parsed, req.label, outcome)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, DataFileError):
             raise
         except Exception as exc:  # A bug in reward code must not take the batch down.
             self._count("reward_errors")

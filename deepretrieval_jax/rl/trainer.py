@@ -259,7 +259,7 @@ class _Run:
                 abstract,
                 self.steps.state_shardings,
             )
-            state, meta = self.ckpt.restore(latest, target=target)
+            latest, state, meta = self.ckpt.restore_latest(target)  # falls back past a corrupt step
             self.data.set_state(meta["data"])
             logging.info("Resumed from %s step %d", self.ckpt.directory, latest)
             return state, latest

@@ -9,6 +9,9 @@ unique ids (result rows for SQL). Two exception types decide who is to blame for
 - `BackendError`: infrastructure (timeout, HTTP 5xx/429, dropped connection, malformed
   response). The sample is marked invalid and left out of the loss; never a penalty.
   `retryable` and `retry_after` (seconds, from a Retry-After header) guide the reward pool.
+
+A third, `DataFileError`, is neither: a file the run depends on (a task database, an index) is
+broken. No sample can be scored fairly, so the reward pool lets it stop the run.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ class BackendError(RuntimeError):
         self.retryable = retryable
         self.retry_after = retry_after
         self.status = status
+
+
+class DataFileError(RuntimeError):
+    """A data file (task database, index) is missing pieces or corrupt; its message names it."""
 
 
 def check_query(query: Any, max_chars: int) -> str:

@@ -6,7 +6,11 @@ Invariants:
 - Scoring is bm25s `method="lucene"` (Lucene >= 8: idf = ln(1 + (N - df + .5) / (df + .5)),
   tf part tf / (tf + k1 (1 - b + b dl / avgdl)), dl = analysed tokens after stopwords).
 - The index is built once, saved, and memory-mapped on load (`BM25Index.load(dir, mmap=True)`);
-  it is read-only afterwards, so concurrent searches in threads are safe.
+  it is read-only afterwards, so concurrent searches in threads are safe. `save` writes
+  `manifest.json` (sha256 and size of every file); `load` verifies it, so a zeroed, truncated
+  or swapped file is a `DataFileError` naming the file, never silently wrong results. Any
+  file that fails to load is a `DataFileError` naming it. (An index saved before manifests
+  existed loads unverified, with a warning.)
 - Query semantics (`search/query_syntax.py`): a query without an operator (AND, OR, NOT, upper
   case) is bag-of-words BM25 over the whole corpus, parentheses and quotes ignored (documents
   with score 0 are not returned).
@@ -39,7 +43,8 @@ import numpy as np
 import Stemmer
 
 from deepretrieval_jax.search import query_syntax as qs
-from deepretrieval_jax.search.base import QueryRejected, SearchBackend, check_query
+from deepretrieval_jax.search.base import DataFileError, QueryRejected, SearchBackend, check_query
+from deepretrieval_jax.search.manifest import verify_manifest, write_manifest
 
 # Lucene's classic English stopword set (EnglishAnalyzer / Anserini default).
 LUCENE_STOPWORDS = (
@@ -181,7 +186,8 @@ class BM25Index:
                 f"{index_dir} holds an index built with other settings ({', '.join(differ)}); "
                 "use another index_dir or delete it"
             )
-        return cls.load(index_dir, mmap=True, **{k: wanted[k] for k in _QUERY_TIME})
+        overrides = {k: wanted[k] for k in _QUERY_TIME}
+        return cls.load(index_dir, mmap=True, verify=False, **overrides)  # Verified just above.
 
     def save(self, index_dir: str) -> None:
         os.makedirs(index_dir, exist_ok=True)
@@ -194,23 +200,42 @@ class BM25Index:
             json.dump(self.doc_ids, f)
         with open(os.path.join(index_dir, "analyzer.json"), "w", encoding="utf-8") as f:
             json.dump(dataclasses.asdict(self.config), f, indent=1)
+        write_manifest(index_dir)
 
     @classmethod
-    def load(cls, index_dir: str, mmap: bool = True, **overrides: Any) -> BM25Index:
-        """Loads a saved index (memory-mapped by default). `overrides` change query-time
-        options (default_operator, malformed, top_k, max_query_chars), never the analyzer."""
+    def load(
+        cls, index_dir: str, mmap: bool = True, *, verify: bool = True, **overrides: Any
+    ) -> BM25Index:
+        """Loads a saved index (memory-mapped by default), checking its manifest unless
+        `verify=False`. `overrides` change query-time options (default_operator, malformed,
+        top_k, max_query_chars), never the analyzer."""
         path = os.path.join(index_dir, "analyzer.json")
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: not a saved BM25Index directory")
-        with open(path, encoding="utf-8") as f:
-            config = BM25Config(**{**json.load(f), **overrides})
-        retriever = bm25s.BM25.load(index_dir, mmap=mmap, show_progress=False, verbosity=0)
-        mode = "r" if mmap else None
-        load = lambda name: np.load(os.path.join(index_dir, name), mmap_mode=mode)  # noqa: E731
-        with open(os.path.join(index_dir, "doc_ids.json"), encoding="utf-8") as f:
-            doc_ids = json.load(f)
-        tokens, offsets = load("doc_tokens.npy"), load("doc_offsets.npy")
-        return cls(retriever, doc_ids, tokens, offsets, np.array(load("doc_dates.npy")), config)
+        if verify:
+            verify_manifest(index_dir)
+        where = path
+        try:
+            with open(path, encoding="utf-8") as f:
+                config = BM25Config(**{**json.load(f), **overrides})
+            where = f"{index_dir} (bm25s files)"
+            retriever = bm25s.BM25.load(index_dir, mmap=mmap, show_progress=False, verbosity=0)
+            mode = "r" if mmap else None
+            where = os.path.join(index_dir, "doc_ids.json")
+            with open(where, encoding="utf-8") as f:
+                doc_ids = json.load(f)
+            arrays = {}
+            for name in ("doc_tokens", "doc_offsets", "doc_dates"):
+                where = os.path.join(index_dir, f"{name}.npy")
+                arrays[name] = np.load(where, mmap_mode=mode)
+        except (OSError, ValueError, KeyError, TypeError, EOFError) as exc:
+            raise DataFileError(f"{where}: cannot load the BM25 index: {exc}") from None
+        tokens, offsets = arrays["doc_tokens"], arrays["doc_offsets"]
+        if len(offsets) != len(doc_ids) + 1 or int(offsets[-1]) != len(tokens):
+            raise DataFileError(
+                f"{index_dir}: doc_offsets.npy, doc_tokens.npy and doc_ids.json disagree"
+            )
+        return cls(retriever, doc_ids, tokens, offsets, np.array(arrays["doc_dates"]), config)
 
     # Query side.
 

@@ -119,12 +119,11 @@ class CTGovBackend(HttpBackend):
             if token:
                 page["pageToken"] = token
             try:
-                body = await self.http.get_json("studies", page)
+                token, page_ids = await self.http.get_json("studies", page, self._parse)
             except BackendError as exc:
                 if exc.status == 400:
                     raise QueryRejected(f"ClinicalTrials.gov rejected the query: {exc}") from None
                 raise
-            token, page_ids = self._parse(body)
             for nct in page_ids:
                 if nct not in seen and len(ids) < top_k:
                     seen.add(nct)

@@ -13,11 +13,16 @@ Invariants:
   request; then `BackendError` (retryable=True, with the last status and Retry-After).
   A Retry-After longer than `max_retry_after_s` is not waited for: `BackendError` at once.
 - Other 4xx: `BackendError(retryable=False, status=...)`; callers may reinterpret it.
-- A 2xx body that is not JSON raises `BackendError(retryable=True)` at once (not retried here:
-  content errors are rarely fixed by an immediate retry; the reward pool decides).
+- A 2xx body that is not JSON, or whose JSON the caller's `parse` rejects (`schema_error`), is
+  retried like a 5xx (counted as `errors["malformed"]`).
+- Every attempt is one HTTP request that passed the token bucket and the counters: aiohttp's
+  own silent re-send of an idempotent request after a connection reset is switched off
+  (`ClientSession._retry_connection`, the switch aiohttp's own test client uses; there is no
+  public one), so a reset is a failed attempt retried by the policy above.
 - A failure is never an empty result. Secret parameters (api_key) are added only when the
-  request is sent: they are not in `repr`, counters, or any exception message (messages are
-  redacted, and aiohttp exceptions are not chained).
+  request is sent: they are not in `repr`, counters, or any exception message (every message
+  that can carry server or aiohttp text is redacted, raw and URL-encoded, and aiohttp
+  exceptions are not chained).
 - Parameters always travel as a mapping that aiohttp URL-encodes, so text inside a value
   (`&`, `=`, `#`, newlines) can never add or change a parameter.
 """
@@ -32,7 +37,8 @@ import json
 import random
 import re
 import time
-from collections.abc import Mapping
+import urllib.parse
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -165,6 +171,10 @@ class _Attempt(Exception):
         self.kind, self.status, self.retry_after = kind, status, retry_after
 
 
+class MalformedResponse(BackendError):
+    """A 2xx response whose JSON does not have the expected shape (see `schema_error`)."""
+
+
 class HttpClient:
     """GETs JSON with rate limiting, timeouts and retries. See the module docstring."""
 
@@ -198,6 +208,9 @@ class HttpClient:
                 headers={"User-Agent": self.config.user_agent},
                 raise_for_status=False,
             )
+            # Off: aiohttp would re-send a GET once after a reset, past our bucket and counters.
+            if hasattr(self._session, "_retry_connection"):
+                self._session._retry_connection = False
 
     async def close(self) -> None:
         if self._session is not None:
@@ -207,7 +220,9 @@ class HttpClient:
     def redact(self, text: str) -> str:
         """`text` with every secret value (raw, or as a URL parameter in any encoding) -> ***."""
         for name, secret in self._secrets.items():
-            text = text.replace(secret.value, "***")
+            for form in {secret.value, urllib.parse.quote(secret.value, safe=""),
+                         urllib.parse.quote_plus(secret.value)}:  # fmt: skip
+                text = text.replace(form, "***")
             text = re.sub(rf"({re.escape(name)}=)[^&\s\"'#]*", r"\1***", text)
         return text
 
@@ -218,14 +233,22 @@ class HttpClient:
             else self.config.base_url
         )
 
-    async def get_json(self, path: str, params: Mapping[str, str]) -> Any:
-        """GET base_url/path with `params` (+ secret params); returns the decoded JSON body."""
+    async def get_json(
+        self, path: str, params: Mapping[str, str], parse: Callable[[Any], Any] | None = None
+    ) -> Any:
+        """GET base_url/path with `params` (+ secret params); returns the decoded JSON body, or
+        `parse(body)` when given (a `MalformedResponse` from it is retried like a 5xx)."""
         if self._session is None:
             raise RuntimeError(f"{self.name}: call open() (or use `async with`) before searching")
         cfg = self.config
         for attempt in range(cfg.max_retries + 1):
             try:
-                return await self._attempt(self.url(path), params)
+                body = await self._attempt(self.url(path), params)
+                return body if parse is None else parse(body)
+            except MalformedResponse as exc:
+                failure = _Attempt("malformed", self.redact(str(exc)))
+                self.counters.errors[failure.kind] += 1
+                last = failure
             except _Attempt as failure:
                 self.counters.errors[failure.kind] += 1
                 last = failure
@@ -280,17 +303,15 @@ class HttpClient:
             )
         try:
             return json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            self.counters.errors["malformed"] += 1
-            raise BackendError(
-                f"{self.name}: response is not valid JSON ({len(body)} bytes)", status=status
-            ) from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            message = f"response is not valid JSON ({len(body)} bytes)"
+            raise _Attempt("malformed", message, status) from None
 
 
-def schema_error(client: HttpClient, what: str) -> BackendError:
-    """A 2xx response whose JSON does not have the expected shape (counted as malformed)."""
-    client.counters.errors["malformed"] += 1
-    return BackendError(f"{client.name}: unexpected response schema: {what}")
+def schema_error(client: HttpClient, what: str) -> MalformedResponse:
+    """A 2xx response whose JSON does not have the expected shape; `what` may quote the
+    server's text, so it is redacted. Raised from a `get_json(parse=...)` callback: retried."""
+    return MalformedResponse(client.redact(f"{client.name}: unexpected response schema: {what}"))
 
 
 class HttpBackend(SearchBackend):

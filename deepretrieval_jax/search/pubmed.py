@@ -10,7 +10,8 @@ retries with backoff, 429 Retry-After, `BackendError` after the retry budget):
   `retstart + retmax` never exceeds 10,000 (esearch's window), so top_k <= 10,000.
   Paging stops at top_k ids, at the reported `count`, or at a short page.
   Ids are de-duplicated keeping the first rank (a live index can shift between pages).
-- A response without `esearchresult.idlist` (or with an `ERROR`) is `BackendError`.
+- A response without `esearchresult.idlist` (or with an `ERROR`) is retried like a 5xx, then
+  `BackendError` (its server text redacted).
 - Empty, whitespace or oversize (`max_query_chars`) queries raise `QueryRejected`; nothing
   is sent.
 - Rate: 3 requests/s without a key, 10 with one, unless `rate_per_s` is set.
@@ -149,7 +150,7 @@ class PubMedBackend(HttpBackend):
         while len(ids) < top_k and retstart <= MAX_RETSTART:
             retmax = min(self.config.page_size, top_k - len(ids), MAX_WINDOW - retstart)
             page = {**params, "retmax": str(retmax), "retstart": str(retstart)}
-            count, page_ids = self._parse(await self.http.get_json("esearch.fcgi", page))
+            count, page_ids = await self.http.get_json("esearch.fcgi", page, self._parse)
             for pmid in page_ids:
                 if pmid not in seen and len(ids) < top_k:
                     seen.add(pmid)

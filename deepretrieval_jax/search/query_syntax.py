@@ -12,7 +12,7 @@ Syntax (PubMed-like):
 - A query is Boolean only when it contains an operator (`is_boolean`); otherwise it is
   bag-of-words, whatever parentheses or quotes it holds.
 - Malformed input (unbalanced parentheses or quotes, an operator without an operand, empty
-  parentheses) raises `MalformedQuery`; the BM25 backend then falls back to bag-of-words over
+  parentheses, parentheses or NOTs nested deeper than `MAX_DEPTH`) raises `MalformedQuery`; the BM25 backend then falls back to bag-of-words over
   `bag_of_words(query)` or rejects the query, as configured.
 """
 
@@ -22,6 +22,9 @@ import dataclasses
 import re
 
 OPERATORS = ("AND", "OR", "NOT")
+# Nesting bound of the recursive parser (and of the tree the backends walk recursively): deeper
+# input is the policy's malformed query, never a RecursionError (an infrastructure failure).
+MAX_DEPTH = 64
 _TAG = re.compile(r"\[[^\]]*\]")
 _OPERATOR_WORD = re.compile(r"\b(?:AND|OR|NOT)\b")
 
@@ -129,6 +132,17 @@ class _Parser:
 
     def __init__(self, tokens, default_operator):
         self.tokens, self.pos, self.default = tokens, 0, default_operator
+        self.depth = 0  # Open parentheses and NOTs around the current token.
+
+    def nested(self, parse):
+        """parse() one level deeper; past MAX_DEPTH the query is malformed."""
+        if self.depth >= MAX_DEPTH:
+            raise MalformedQuery(f"parentheses or NOTs nested deeper than {MAX_DEPTH}")
+        self.depth += 1
+        try:
+            return parse()
+        finally:
+            self.depth -= 1
 
     def peek(self):
         return self.tokens[self.pos] if self.pos < len(self.tokens) else (None, None)
@@ -168,7 +182,7 @@ class _Parser:
             raise MalformedQuery("an operator is missing its right operand")
         self.pos += 1
         if kind == "op" and text == "NOT":
-            return Not(self.parse_unary())
+            return Not(self.nested(self.parse_unary))
         if kind == "op":
             raise MalformedQuery(f"{text} is missing its left operand")
         if kind == "word":
@@ -179,7 +193,7 @@ class _Parser:
             raise MalformedQuery("unbalanced ')'")
         if self.peek()[0] == "rparen":
             raise MalformedQuery("empty parentheses")
-        node = self.parse_or()
+        node = self.nested(self.parse_or)
         if self.peek()[0] != "rparen":
             raise MalformedQuery("unbalanced '('")
         self.pos += 1

@@ -66,10 +66,21 @@ async def error_middleware(request: web.Request, handler):
 async def json_body(request: web.Request) -> dict:
     try:
         body = await request.json(loads=lambda s: json.loads(s, parse_constant=_no_constant))
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
         raise ApiError(400, f"the request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    try:  # JSON escapes can spell a lone surrogate ("\ud800"), which no tokenizer can encode.
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
+    except UnicodeEncodeError as e:
+        bad = e.object[e.start : e.end].encode("utf-8", "backslashreplace").decode()
+        raise ApiError(
+            400, f"the request body is not valid Unicode: lone surrogate {bad}"
+        ) from None
     return body
 
 
