@@ -80,6 +80,7 @@ def data_config(task: str = "pubmed") -> ml_collections.ConfigDict:
 
 def prompt_config() -> ml_collections.ConfigDict:
     """Optional replacements of a task's prompt pieces (see data.tasks.TaskSpec)."""
+
     def none():  # one placeholder per field: a shared FieldReference would link them all
         return ml_collections.config_dict.placeholder(str)
 

@@ -217,8 +217,16 @@ def evaluate(
     search_opts: Mapping[str, Any] | None = None,
     concurrency: int = 8,
     passages: Mapping | None = None,
+    query_from: str = "answer",
 ) -> EvalReport:
-    """Evaluates `method` ("original_query" or "policy" with `generate_fn` and `tokenizer`)."""
+    """Evaluates `method` ("original_query" or "policy" with `generate_fn` and `tokenizer`).
+
+    `query_from` (policy): "answer" parses the task's answer format; "completion" uses the whole
+    completion text as a bag-of-words query (prompt-only baselines such as HyDE, where the policy
+    writes a pseudo-document); an empty completion is a format error.
+    """
+    if query_from not in ("answer", "completion"):
+        raise ValueError(f"query_from must be 'answer' or 'completion', got {query_from!r}")
     settings: dict[str, Any] = {
         "backend": spec.backend,
         "index_opts": spec.index_opts(),
@@ -245,14 +253,19 @@ def evaluate(
         completions = list(generate_fn([p.text for p in prompts]))
         if len(completions) != len(prompts):
             raise ValueError(f"generate_fn returned {len(completions)} for {len(prompts)} prompts")
-        parsed = [
-            parse_completion(
-                c, spec.assistant_prefix, reasoning=spec.reasoning, key=spec.answer_key
-            )
-            for c in completions
-        ]
-        queries = [p.value if p.ok else None for p in parsed]
-        errors = [p.error for p in parsed]
+        if query_from == "completion":
+            queries = [query_syntax.bag_of_words(c).strip() or None for c in completions]
+            errors = [None if q else "empty completion" for q in queries]
+        else:
+            parsed = [
+                parse_completion(
+                    c, spec.assistant_prefix, reasoning=spec.reasoning, key=spec.answer_key
+                )
+                for c in completions
+            ]
+            queries = [p.value if p.ok else None for p in parsed]
+            errors = [p.error for p in parsed]
+        settings["query_from"] = query_from
         decode_rec = dataclasses.asdict(decode)
     else:
         raise ValueError(f"method must be 'original_query' or 'policy', got {method!r}")
@@ -301,7 +314,6 @@ def policy_generate_fn(
     import numpy as np
 
     from deepretrieval_jax import sampler as sampler_lib
-
     from deepretrieval_jax.data.tasks import finish_completion
     from deepretrieval_jax.sampling import token_bytes_from_tokenizer
 
@@ -427,7 +439,8 @@ def run(cfg, workdir: str | os.PathLike) -> EvalReport:
     report = evaluate(
         spec, examples, backend, split=e.split, method=e.method, decode=decode,
         max_prompt_tokens=cfg.data.max_prompt_len, length_policy=e.length_policy,
-        search_opts=search_opts, concurrency=e.concurrency, **kwargs,
+        search_opts=search_opts, concurrency=e.concurrency,
+        query_from=e.get("query_from", "answer"), **kwargs,
     )  # fmt: skip
     if index_overrides:
         report.settings["index_opts"] = {**spec.index_opts(), **index_overrides}

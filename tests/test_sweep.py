@@ -22,7 +22,7 @@ from deepretrieval_jax import sweep as hyper
 from deepretrieval_jax import sweep_runner as runner
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = str(REPO / "configs" / "demo.py")
+DEMO = str(REPO / "tests" / "tiny_config.py")  # the tiny random-init policy
 
 FAKE_TRAIN = textwrap.dedent(
     """
@@ -334,7 +334,7 @@ def test_sequential_runs_start_in_sweep_order(tmp_path):
     assert "fake_train.py" in (root / "seed=1" / "sweep_point.json").read_text()
 
 
-TINY_DEMO = [  # configs/demo.py shrunk so one point takes ~1 minute on 2 cores
+TINY_DEMO = [  # tests/tiny_config.py shrunk so one point takes ~1 minute on 2 cores
     "model.overrides.num_layers=1",
     "model.overrides.embed_dim=32",
     "model.overrides.mlp_dim=64",

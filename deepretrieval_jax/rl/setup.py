@@ -161,7 +161,9 @@ def warn_random_init(model_cfg: models.ModelConfig) -> None:
             "init_checkpoint is set, so the policy starts from random weights. Set "
             "--config.model.hf_path=DIR (or launch/import_gguf.py a GGUF file) to start from a "
             "pretrained model.\n%s",
-            "!" * 78, n / 1e6, "!" * 78,
+            "!" * 78,
+            n / 1e6,
+            "!" * 78,
         )
 
 
