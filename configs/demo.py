@@ -48,7 +48,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.ppo.entropy_coef = 0.0
     cfg.ppo.actor_lr = 5e-6
     cfg.ppo.recompute_logprobs = False  # one fp32 update per rollout: the sampler's are exact
-    cfg.ppo.mini_batch_size = 16
+    cfg.ppo.mini_batch_size = 16  # two optimiser updates per step
+    cfg.ppo.micro_batch_size = 4  # rows per forward/backward slice (peak memory)
     cfg.train.prompts_per_step = 8  # x n=4 samples = 32 rows per step
     cfg.reward.pool.concurrency = 2  # two cores
     cfg.reward.search_opts = ml_collections.ConfigDict(dict(k1=1.2, b=0.75, top_k=50))
