@@ -31,6 +31,7 @@ CORE = [
     "tensorboardX>=2.6",
     "matplotlib>=3.9",
     "tqdm>=4.66",
+    "scipy>=1.11",  # paired bootstrap CIs in evaluation reports
 ]
 
 EXTRAS = {

@@ -35,8 +35,10 @@ def model_config(preset: str = "qwen2.5-3b") -> ml_collections.ConfigDict:
     """Policy/critic architecture and where their weights come from."""
     return ml_collections.ConfigDict(
         dict(
-            preset=preset,  # ModelConfig.preset name ("qwen2.5-3b", "llama3.2-3b", "tiny", ...)
-            # ModelConfig fields that override the preset (e.g. num_layers, dtype, remat).
+            # ModelConfig.preset name ("qwen2.5-3b", "llama3.2-3b", "tiny", ...); "" = the shape
+            # of model.hf_path's config.json (any Qwen2/Llama checkpoint, no preset needed).
+            preset=preset,
+            # ModelConfig fields that override the preset / config.json (e.g. dtype, remat).
             overrides=ml_collections.ConfigDict(dict(dtype="bfloat16", remat=True)),
             hf_path="",  # HF checkpoint dir (config.json + safetensors); "" = random init
             init_checkpoint="",  # an SFT workdir's checkpoint dir; actor AND reference start here
@@ -48,10 +50,12 @@ def model_config(preset: str = "qwen2.5-3b") -> ml_collections.ConfigDict:
     )
 
 
-def tokenizer_config(name: str = "qwen2.5") -> ml_collections.ConfigDict:
+def tokenizer_config(name: str = "") -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
-            name=name,  # "qwen2.5" (built offline) or a HF tokenizer directory
+            # "" = the tokenizer files in model.hf_path (else the offline Qwen2.5 tokenizer);
+            # "qwen2.5" = the offline Qwen2.5 tokenizer; or a HF tokenizer directory.
+            name=name,
         )
     )
 
@@ -69,6 +73,32 @@ def data_config(task: str = "pubmed") -> ml_collections.ConfigDict:
             prompt_buckets=(128, 256, 512),  # left-padded prompt lengths (fewer recompiles)
             shuffle_seed=0,  # data order; part of the resumable iterator state
             num_val_examples=-1,  # examples in each validation pass; -1 = whole split
+            # Replacements of the task's prompt texts (TaskSpec fields); None = the task's own.
+            prompt=prompt_config(),
+        )
+    )
+
+
+def prompt_config() -> ml_collections.ConfigDict:
+    """Optional replacements of a task's prompt pieces (see data.tasks.TaskSpec)."""
+
+    def none():  # one placeholder per field: a shared FieldReference would link them all
+        return ml_collections.config_dict.placeholder(str)
+
+    return ml_collections.ConfigDict(
+        dict(
+            system=none(),  # system turn
+            instruction=none(),  # first part of the user turn
+            output_format=none(),  # answer-format instructions (with an example)
+            note=none(),  # appended to output_format after a newline
+            input_header=none(),  # line before the rendered input
+            # Start of the assistant turn, written by the harness (e.g. '<answer>{"query": "');
+            # the reward parser prepends it to the completion.
+            assistant_prefix=none(),
+            # Appended by the harness to a completion that ended on a stop string (after cutting
+            # it there), e.g. "</answer>": with a prefilled answer opening and stop '"}', the
+            # answer format cannot break (report such a protocol as such).
+            answer_suffix=none(),
         )
     )
 
@@ -83,6 +113,9 @@ def sampling_config() -> ml_collections.ConfigDict:
             min_p=0.0,  # 0.0 = off
             max_new_tokens=500,  # response length limit (tokens)
             n=1,  # samples per prompt
+            # Stop strings (exact bytes) ending a completion, in training, validation and
+            # evaluation; the token that completes one is kept.
+            stop=(),
         )
     )
 
@@ -129,6 +162,9 @@ def ppo_config() -> ml_collections.ConfigDict:
             micro_batch_size=0,  # rows per forward/backward slice; 0 = mini_batch_size
             shuffle=True,  # permute rows into mini-batches each epoch
             max_consecutive_skips=3,  # stop the run after this many non-finite steps in a row
+            # True: old log-probs from one actor pass before the update; False: the sampler's
+            # (saves a forward pass; exact up to numerics for one fp32 update per rollout)
+            recompute_logprobs=True,
         )
     )
 

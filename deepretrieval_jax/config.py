@@ -121,9 +121,17 @@ class DataConfig:
     prompt_buckets: tuple[int, ...] = (128, 256, 512)  # left-padded prompt lengths
     shuffle_seed: int = 0
     num_val_examples: int = -1  # -1 = whole split
+    prompt: Any = None  # TaskSpec prompt-field replacements (None values = the task's own)
 
     def __post_init__(self):
         object.__setattr__(self, "prompt_buckets", tuple(sorted(self.prompt_buckets)))
+        if self.prompt is not None:
+            from deepretrieval_jax.data.tasks import TaskSpec
+
+            fields = {f.name for f in dataclasses.fields(TaskSpec)}
+            unknown = sorted(set(dict(self.prompt)) - fields)
+            if unknown:
+                raise ValueError(f"data.prompt: unknown TaskSpec fields {unknown}")
         _positive("data", max_prompt_len=self.max_prompt_len)
         if not self.prompt_buckets or self.prompt_buckets[-1] < self.max_prompt_len:
             raise ValueError(

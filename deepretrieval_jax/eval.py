@@ -226,8 +226,16 @@ def evaluate(
     search_opts: Mapping[str, Any] | None = None,
     concurrency: int = 8,
     passages: Mapping | None = None,
+    query_from: str = "answer",
 ) -> EvalReport:
-    """Evaluates `method` ("original_query" or "policy" with `generate_fn` and `tokenizer`)."""
+    """Evaluates `method` ("original_query" or "policy" with `generate_fn` and `tokenizer`).
+
+    `query_from` (policy): "answer" parses the task's answer format; "completion" uses the whole
+    completion text as a bag-of-words query (prompt-only baselines such as HyDE, where the policy
+    writes a pseudo-document); an empty completion is a format error.
+    """
+    if query_from not in ("answer", "completion"):
+        raise ValueError(f"query_from must be 'answer' or 'completion', got {query_from!r}")
     settings: dict[str, Any] = {
         "backend": spec.backend,
         "index_opts": spec.index_opts(),
@@ -254,14 +262,19 @@ def evaluate(
         completions = list(generate_fn([p.text for p in prompts]))
         if len(completions) != len(prompts):
             raise ValueError(f"generate_fn returned {len(completions)} for {len(prompts)} prompts")
-        parsed = [
-            parse_completion(
-                c, spec.assistant_prefix, reasoning=spec.reasoning, key=spec.answer_key
-            )
-            for c in completions
-        ]
-        queries = [p.value if p.ok else None for p in parsed]
-        errors = [p.error for p in parsed]
+        if query_from == "completion":
+            queries = [query_syntax.bag_of_words(c).strip() or None for c in completions]
+            errors = [None if q else "empty completion" for q in queries]
+        else:
+            parsed = [
+                parse_completion(
+                    c, spec.assistant_prefix, reasoning=spec.reasoning, key=spec.answer_key
+                )
+                for c in completions
+            ]
+            queries = [p.value if p.ok else None for p in parsed]
+            errors = [p.error for p in parsed]
+        settings["query_from"] = query_from
         decode_rec = dataclasses.asdict(decode)
     else:
         raise ValueError(f"method must be 'original_query' or 'policy', got {method!r}")
@@ -292,8 +305,13 @@ def policy_generate_fn(
     batch_size: int = 16,
     prompt_buckets: Sequence[int] = (128, 256, 512),
     mesh=None,
+    stop: Sequence[str] = (),
+    spec: TaskSpec | None = None,
 ) -> GenerateFn:
     """A `GenerateFn` decoding with the project's jitted sampler (greedy when temperature 0).
+
+    `stop`: stop strings (as in training); with `spec`, a completion that ended on one is
+    closed by `data.tasks.finish_completion` (the task's `answer_suffix`).
 
     `codec` turns text into model ids and back: a `Tokenizer`, or `rl.setup.Codec` for a
     compact-vocabulary model (`encode`, `decode`, `eos_ids`, `pad_id`). Batches of
@@ -305,9 +323,19 @@ def policy_generate_fn(
     import numpy as np
 
     from deepretrieval_jax import sampler as sampler_lib
+    from deepretrieval_jax.data.tasks import finish_completion
+    from deepretrieval_jax.sampling import token_bytes_from_tokenizer
 
     greedy = decode.temperature == 0
     eos = tuple(int(i) for i in codec.eos_ids)
+    stop = tuple(stop)
+    token_bytes = None
+    if stop:
+        if getattr(codec, "vocab_map", None) is not None:
+            raise ValueError("stop strings cannot be used with a compact-vocabulary model")
+        token_bytes = token_bytes_from_tokenizer(
+            getattr(codec, "tokenizer", codec), model_config.vocab_size
+        )
     config = sampler_lib.SamplingConfig(
         method="greedy" if greedy else "sample",
         temperature=1.0 if greedy else decode.temperature,
@@ -316,10 +344,12 @@ def policy_generate_fn(
         max_new_tokens=decode.max_new_tokens,
         eos_ids=eos,
         pad_id=int(codec.pad_id),
+        stop=stop,
     )
     sampler = sampler_lib.Sampler(
-        sampler_lib.causal_lm_fns(model_config), config, mesh=mesh, prompt_buckets=prompt_buckets
-    )
+        sampler_lib.causal_lm_fns(model_config), config, mesh=mesh,
+        prompt_buckets=prompt_buckets, token_bytes=token_bytes,
+    )  # fmt: skip
     key = jax.random.key(decode.seed)
 
     def left_pad(texts):
@@ -338,11 +368,16 @@ def policy_generate_fn(
             tokens, mask = left_pad(prompts[i : i + batch_size])
             res = sampler(params, tokens, mask, jax.random.fold_in(key, i // batch_size))
             rows, lengths = np.asarray(res.tokens_BnxL), np.asarray(res.lengths_Bn)
-            for row, n in zip(rows, lengths, strict=True):
+            reasons = np.asarray(res.finish_reason_Bn)
+            for row, n, reason in zip(rows, lengths, reasons, strict=True):
                 ids = row[:n]
                 if n and int(ids[-1]) in eos:
                     ids = ids[:-1]
-                out.append(codec.decode(ids))
+                text = codec.decode(ids)
+                if spec is not None:
+                    stopped = int(reason) == sampler_lib.FinishReason.STOP_STRING
+                    text = finish_completion(spec, text, stopped, stop)
+                out.append(text)
             bar.update(len(tokens))
         bar.close()
         return out
@@ -378,6 +413,7 @@ def _policy(cfg, decode: DecodeSpec):
     generate = policy_generate_fn(
         model_cfg, params, codec, decode, batch_size=cfg.eval.batch_size,
         prompt_buckets=tuple(cfg.data.prompt_buckets), mesh=mesh,
+        stop=tuple(cfg.sampling.stop), spec=setup.task_spec(cfg),
     )  # fmt: skip
     return generate, codec.tokenizer
 
@@ -412,7 +448,8 @@ def run(cfg, workdir: str | os.PathLike) -> EvalReport:
     report = evaluate(
         spec, examples, backend, split=e.split, method=e.method, decode=decode,
         max_prompt_tokens=cfg.data.max_prompt_len, length_policy=e.length_policy,
-        search_opts=search_opts, concurrency=e.concurrency, **kwargs,
+        search_opts=search_opts, concurrency=e.concurrency,
+        query_from=e.get("query_from", "answer"), **kwargs,
     )  # fmt: skip
     if index_overrides:
         report.settings["index_opts"] = {**spec.index_opts(), **index_overrides}

@@ -1,4 +1,4 @@
-"""The main job: cold-start SFT -> PPO -> evaluation vs the original query -> HF export -> plots.
+"""The main job: pretrained policy -> zero-shot and HyDE baselines -> RL -> evaluation -> HF export.
 
     python launch/demo.py --workdir=workdirs/demo [--config=configs/demo.py] [--config.a.b=v]
 

@@ -22,7 +22,7 @@ from deepretrieval_jax import sweep as hyper
 from deepretrieval_jax import sweep_runner as runner
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = str(REPO / "configs" / "demo.py")
+DEMO = str(REPO / "tests" / "tiny_config.py")  # the tiny random-init policy
 
 FAKE_TRAIN = textwrap.dedent(
     """
@@ -287,15 +287,15 @@ def _launch(*args, cwd=REPO):
 def test_launch_print_and_slurm_leave_out_finished_points(tmp_path):
     root = tmp_path / "root"
     args = ["--config=configs/demo.py", "--sweep=configs/sweeps/demo_ppo.py", f"--workdir={root}"]
-    done = root / "actor_lr=3e-05,kl_coef=0.001" / "checkpoints" / "40"
+    done = root / "actor_lr=2e-06,temperature=0.7" / "checkpoints" / "40"
     done.mkdir(parents=True)
     (done / "commit_success.txt").write_text("")
     out = _launch(*args, "--mode=slurm", "--sbatch=--time=1:00:00", "--parallel=2")
     assert out.returncode == 0, out.stderr
     script = (root / "sweep.sbatch").read_text()
     assert "#SBATCH --array=0-4%2" in script and "#SBATCH --time=1:00:00" in script
-    assert "kl_coef=0.001 --config.ppo.actor_lr=3e-05 " not in script  # finished: left out
-    assert f"--workdir={root}/actor_lr=0.0003,kl_coef=0.01 --config.ppo.actor_lr=0.0003" in script
+    assert "temperature=0.7 --config.ppo.actor_lr=2e-06 " not in script  # finished: left out
+    assert f"--workdir={root}/actor_lr=1e-05,temperature=1.0 --config.ppo.actor_lr=1e-05" in script
     assert subprocess.run(["bash", "-n", str(root / "sweep.sbatch")]).returncode == 0
 
     out = _launch(*args, "--mode=tpu", "--tpu_name=v5p-64", "--zone=us-east5-a")
@@ -334,7 +334,7 @@ def test_sequential_runs_start_in_sweep_order(tmp_path):
     assert "fake_train.py" in (root / "seed=1" / "sweep_point.json").read_text()
 
 
-TINY_DEMO = [  # configs/demo.py shrunk so one point takes ~1 minute on 2 cores
+TINY_DEMO = [  # tests/tiny_config.py shrunk so one point takes ~1 minute on 2 cores
     "model.overrides.num_layers=1",
     "model.overrides.embed_dim=32",
     "model.overrides.mlp_dim=64",

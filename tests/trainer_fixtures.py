@@ -62,11 +62,11 @@ def backend():
 
 
 def tiny_config(num_steps: int = 3):
-    """configs/demo.py shrunk: 1 layer, 8 prompts/step, 6 new tokens, 48-token prompts."""
-    from configs import demo
+    """tests/tiny_config.py shrunk: 1 layer, 8 prompts/step, 6 new tokens, 48-token prompts."""
+    import tiny_config
 
     register_task()
-    cfg = demo.get_config()
+    cfg = tiny_config.get_config()
     cfg.model.overrides.num_layers = 1
     cfg.model.overrides.embed_dim = 32
     cfg.model.overrides.mlp_dim = 64

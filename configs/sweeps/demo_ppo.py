@@ -1,13 +1,14 @@
-"""PPO sweep around the CPU demo (configs/demo.py): actor learning rate x KL coefficient.
+"""RL sweep around the CPU main job (configs/demo.py): actor learning rate x rollout temperature.
 
-Launch (after the demo's SFT, see configs/demo.py), two points at a time, one core each:
+Launch, two points at a time, one core each (the pretrained model is imported once by
+`bash launch/demo.sh`, into workdirs/demo/model):
     python launch/sweep.py --config=configs/demo.py --sweep=configs/sweeps/demo_ppo.py \
         --workdir=/tmp/demo_sweep --parallel=2 --cpus_per_run=1 \
-        --override=model.init_checkpoint=/tmp/demo_sft/checkpoints
+        --override=model.hf_path=workdirs/demo/model
     python launch/compare.py --workdirs=/tmp/demo_sweep --out=/tmp/demo_sweep
-Six points, each one PPO run of the demo (its 40 steps, runtime as in configs/demo.py), two at
-a time; re-running the first command skips finished points and resumes interrupted ones.
-`:clip` sweeps the clip range (zipped low/high) and the sampling temperature instead.
+Six points, each one RL run of the main job (its steps, runtime as in configs/demo.py); re-running
+the first command skips finished points and resumes interrupted ones. `:clip` sweeps the clip
+range (zipped low/high) and the number of samples per claim instead.
 """
 
 from deepretrieval_jax import sweep as hyper
@@ -20,9 +21,9 @@ def get_sweep(arg: str | None = None) -> list[hyper.Point]:
                 hyper.sweep("config.ppo.clip_low", [0.1, 0.2, 0.2]),
                 hyper.sweep("config.ppo.clip_high", [0.1, 0.2, 0.28]),
             ),
-            hyper.sweep("config.sampling.temperature", [0.7, 1.0]),
+            hyper.sweep("config.sampling.n", [4, 8]),
         )
     return hyper.product(
-        hyper.sweep("config.ppo.actor_lr", [3e-5, 1e-4, 3e-4]),
-        hyper.sweep("config.ppo.kl_coef", [0.001, 0.01]),
+        hyper.sweep("config.ppo.actor_lr", [2e-6, 5e-6, 1e-5]),
+        hyper.sweep("config.sampling.temperature", [0.7, 1.0]),
     )

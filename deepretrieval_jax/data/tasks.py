@@ -46,7 +46,8 @@ class TaskSpec:
     The user turn is `instruction`, then `output_format` + `note`, then `input_header` and the
     rendered input (SQL puts the schema and evidence block right after the instruction). The
     assistant turn starts with `assistant_prefix`, which the reward parser must prepend to the
-    completion (it is `RewardRequest.prompt_suffix`).
+    completion (it is `RewardRequest.prompt_suffix`); `finish_completion` applies
+    `answer_suffix` to completions that stopped on a stop string.
     """
 
     name: str
@@ -68,6 +69,9 @@ class TaskSpec:
     reward_opts: Mapping[str, Any]  # overrides for `rewards.tasks.make_task` ({"reasoning": False})
     eval_metrics: tuple[str, ...]  # e.g. ("ndcg@10", "recall@100")
     truncate_field: str = ""  # input field cut by the "truncate" length policy ("" = whole text)
+    # Appended by the harness to a completion that ended on a sampler stop string (the text is
+    # cut right after the stop string first): e.g. "</answer>" after a prefilled answer opening.
+    answer_suffix: str = ""
 
     def __post_init__(self):
         # Frozen all the way down: variants share these mappings, so none may be mutated.
@@ -97,6 +101,17 @@ class TaskSpec:
 
     def replace(self, **overrides: Any) -> TaskSpec:
         return dataclasses.replace(self, **overrides)
+
+
+def finish_completion(spec: TaskSpec, text: str, stopped: bool, stop: tuple[str, ...]) -> str:
+    """The completion the reward parser sees: cut after the first stop string and closed with
+    `spec.answer_suffix` when the sampler stopped on one; otherwise `text` unchanged."""
+    if not stopped or not stop:
+        return text
+    ends = [text.find(s) + len(s) for s in stop if s in text]
+    if ends:
+        text = text[: min(ends)]
+    return text + spec.answer_suffix
 
 
 _TASKS: dict[str, TaskSpec] = {}

@@ -79,6 +79,17 @@ def decode_completions(
     return texts
 
 
+def finish_completions(spec, texts: Sequence[str], reasons_R, stop: Sequence[str]) -> list[str]:
+    """`data.tasks.finish_completion` per row (rows that ended on a stop string are closed)."""
+    from deepretrieval_jax.data.tasks import finish_completion
+
+    stop = tuple(stop)
+    return [
+        finish_completion(spec, t, int(r) == FinishReason.STOP_STRING, stop)
+        for t, r in zip(texts, reasons_R, strict=True)
+    ]
+
+
 def reward_requests(spec, examples, completions, row_start: int, n: int, search_opts) -> list:
     """One RewardRequest per local row (row r belongs to prompt r // n)."""
     reqs = []

@@ -25,20 +25,40 @@ from deepretrieval_jax.tokenizer import Tokenizer
 CHECKPOINT_DIR = "checkpoints"
 
 
+RANDOM_INIT_WARN_PARAMS = 100e6  # a random init above this size is almost surely a mistake
+
+
 def model_config(cfg) -> models.ModelConfig:
-    """`config.model.preset` with `config.model.overrides` applied."""
+    """`config.model.preset` (or, when it is "", model.hf_path's config.json) + overrides."""
+    overrides = as_dict(cfg.model.overrides)
+    if not cfg.model.preset:
+        if not cfg.model.hf_path:
+            raise ValueError(
+                "config.model: preset is empty, so model.hf_path must name a HF checkpoint "
+                "directory whose config.json gives the model's shape"
+            )
+        from deepretrieval_jax import hf_io  # noqa: PLC0415
+
+        try:
+            path = hf_io.resolve_checkpoint_dir(Path(cfg.model.hf_path).expanduser())
+            return hf_io.config_from_checkpoint(path, **overrides)
+        except (TypeError, ValueError, OSError) as e:
+            raise ValueError(f"config.model.hf_path: {e}") from e
     try:
-        return models.ModelConfig.preset(cfg.model.preset, **as_dict(cfg.model.overrides))
+        return models.ModelConfig.preset(cfg.model.preset, **overrides)
     except (TypeError, ValueError) as e:
         raise ValueError(f"config.model: {e}") from e
 
 
+def tokenizer_name(cfg) -> str:
+    """config.tokenizer.name, else model.hf_path (its tokenizer files), else "qwen2.5"."""
+    return cfg.tokenizer.name or cfg.model.hf_path or "qwen2.5"
+
+
 def load_tokenizer(cfg, model_cfg: models.ModelConfig | None) -> Tokenizer:
     """ "qwen2.5" builds the offline tokenizer; "" uses model.hf_path; else a tokenizer dir."""
-    name = cfg.tokenizer.name or cfg.model.hf_path
-    if not name:
-        raise ValueError("config.tokenizer.name and config.model.hf_path are both empty")
-    tok = _tokenizer(name)
+    name = tokenizer_name(cfg)
+    tok = _tokenizer(name if name == "qwen2.5" else str(Path(name).expanduser()))
     if model_cfg is not None and tok.vocab_size > model_cfg.vocab_size:
         raise ValueError(
             f"config.model: vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's "
@@ -54,10 +74,16 @@ def _tokenizer(name: str) -> Tokenizer:
 
 
 def task_spec(cfg) -> tasks_lib.TaskSpec:
-    """`config.data.task`, its corpus replaced by `config.data.corpus` when that is set."""
-    spec = tasks_lib.get_task(cfg.data.task)
-    corpus = cfg.data.get("corpus", "")
-    return spec.replace(corpus=corpus) if corpus else spec
+    """`config.data.task` with the prompt pieces set in `config.data.prompt`, and its corpus
+    replaced by `config.data.corpus` when that is set."""
+    prompt = cfg.data.get("prompt") or {}
+    overrides = {k: v for k, v in as_dict(prompt).items() if v is not None}
+    if cfg.data.get("corpus", ""):
+        overrides["corpus"] = cfg.data.corpus
+    try:
+        return tasks_lib.get_task(cfg.data.task, **overrides)
+    except KeyError as e:
+        raise ValueError(f"config.data: {e.args[0]}") from None
 
 
 class ExampleList(Sequence):
@@ -129,8 +155,25 @@ def load_policy_params(cfg, module: nn.Module, mesh, rules, rng) -> dict:
         logging.info("Policy params from HF checkpoint %s", cfg.model.hf_path)
         _, params = hf_io.load_params(cfg.model.hf_path, module.config, shardings=shardings)
         return params
+    warn_random_init(module.config)
     logging.info("Policy params: random init (seed %d)", cfg.seed)
     return init_params(module, mesh, rules, rng)
+
+
+def warn_random_init(model_cfg: models.ModelConfig) -> None:
+    """Says loudly when a large model is about to start from random weights."""
+    abstract = nn.meta.unbox(sharding.abstract_params(models.CausalLM(model_cfg)))
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
+    if n > RANDOM_INIT_WARN_PARAMS:
+        logging.warning(
+            "\n%s\nRANDOM INIT of a %.0fM-parameter model: no config.model.hf_path or "
+            "init_checkpoint is set, so the policy starts from random weights. Set "
+            "--config.model.hf_path=DIR (or launch/import_gguf.py a GGUF file) to start from a "
+            "pretrained model.\n%s",
+            "!" * 78,
+            n / 1e6,
+            "!" * 78,
+        )
 
 
 def global_batch(local_arrays, mesh, rules):

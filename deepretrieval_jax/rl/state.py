@@ -83,6 +83,10 @@ class PPOConfig:
     micro_batch_size: int = 0  # rows per forward/backward (gradient accumulation); 0 = mini
     shuffle: bool = True  # permute rows into mini-batches each epoch (state PRNG)
     max_consecutive_skips: int = 3  # the run manager stops after this many skipped steps
+    # True: old log-probs = one actor forward pass before the update (exact); False: the
+    # sampler's own log-probs (saves that pass; equal up to numerics when sampler and trainer
+    # share dtype and layout, e.g. fp32 on CPU, and exact for one update per rollout).
+    recompute_logprobs: bool = True
 
     def __post_init__(self):
         def bad(field, expected):

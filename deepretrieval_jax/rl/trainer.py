@@ -178,7 +178,7 @@ class _Run:
             val_examples = list(val_examples)[: cfg.data.num_val_examples]
         self.train_prompts = _prompts(spec, train_examples, tok, cfg.data.max_prompt_len, "train")
         self.val_prompts = _prompts(spec, val_examples, tok, cfg.data.max_prompt_len, "validation")
-        self.prompt_len = max(cfg.data.prompt_buckets)
+        self.buckets = tuple(sorted(cfg.data.prompt_buckets))
         self.B, self.n = self.tc.prompts_per_step, cfg.sampling.n
 
         self.mesh = sharding.make_mesh(cfg.mesh)
@@ -199,8 +199,16 @@ class _Run:
         self.state, self.start_step = self._init_or_restore()
         self.timer = PhaseTimer()
 
+        self.stop = tuple(cfg.sampling.stop)
+        token_bytes = None
+        if self.stop and cfg.model.compact_vocab:
+            raise ValueError("config.sampling.stop cannot be used with config.model.compact_vocab")
+        if self.stop:
+            from deepretrieval_jax.sampling import token_bytes_from_tokenizer
+
+            token_bytes = token_bytes_from_tokenizer(tok, self.model_cfg.vocab_size)
         sampler_kw = dict(
-            token_bytes=None,
+            token_bytes=token_bytes,
             mesh=self.mesh,
             param_shardings=sharding.param_shardings(self.lm, self.mesh, sharding.SAMPLER_RULES),
             batch_axes=("data", "fsdp"),
@@ -208,8 +216,9 @@ class _Run:
         )
         s = cfg.sampling
         common = dict(
-            max_new_tokens=s.max_new_tokens, eos_ids=self.codec.eos_ids, pad_id=self.codec.pad_id
-        )
+            max_new_tokens=s.max_new_tokens, eos_ids=self.codec.eos_ids, pad_id=self.codec.pad_id,
+            stop=self.stop,
+        )  # fmt: skip
         fns = causal_lm_fns(self.model_cfg, rules=sharding.SAMPLER_RULES)
         self.sampler = Sampler(
             fns,
@@ -258,7 +267,9 @@ class _Run:
             logging.info("Resumed from %s step %d", self.ckpt.directory, latest)
             return state, latest
         actor_params = critic_params = None  # random init: one jitted init of everything
-        if cfg.model.init_checkpoint or cfg.model.hf_path:
+        if not (cfg.model.init_checkpoint or cfg.model.hf_path):
+            setup.warn_random_init(self.model_cfg)
+        else:
             # LM weights only; a shared critic's value head starts fresh in init_train_state.
             actor_params = setup.load_policy_params(cfg, self.lm, self.mesh, self.rules, k_actor)
             if self.ppo.separate_critic:
@@ -294,8 +305,12 @@ class _Run:
 
     # ------------------------------------------------------------------ one step
     def _global_prompts(self, prompts):
+        """The batch left-padded to the smallest prompt bucket that holds its longest prompt
+        (one compilation per bucket used: short batches do not pay for the longest prompts)."""
         texts = [p.text for p in prompts]
-        return rollout.encode_prompts(self.codec, texts, self.prompt_len)
+        longest = max(p.num_tokens for p in prompts)
+        length = next((b for b in self.buckets if b >= longest), self.buckets[-1])
+        return rollout.encode_prompts(self.codec, texts, length)
 
     def _sample_and_submit(self, sampler, prompts, rng):
         """Sample the global batch, decode this host's rows, submit them; returns handles."""
@@ -311,6 +326,7 @@ class _Run:
         start, _ = rollout.local_row_range(out.lengths_Bn)
         n = sampler.config.n
         completions = rollout.decode_completions(self.codec, tokens, lengths, reasons)
+        completions = rollout.finish_completions(self.spec, completions, reasons, self.stop)
         examples = [p.example for p in prompts]
         reqs = rollout.reward_requests(self.spec, examples, completions, start, n, self.search_opts)
         pending = self.pool.submit(reqs)
@@ -332,7 +348,8 @@ class _Run:
         bt = self.steps.batch_shardings
         p_tok, p_mask = jax.device_put((enc.tokens_BxP, enc.mask_BxP), bt.tokens_BxT)
         batch = run("assemble", self._assemble, p_tok, p_mask, out)
-        batch = batch.replace(old_logp_BxT=run("logprobs", self.steps.logprobs, st, batch))
+        if self.ppo.recompute_logprobs:  # else the sampler's log-probs (assemble_batch)
+            batch = batch.replace(old_logp_BxT=run("logprobs", self.steps.logprobs, st, batch))
         if self.ppo.use_ref:
             batch = batch.replace(
                 ref_logp_BxT=run("ref_logprobs", self.steps.ref_logprobs, st, batch)
@@ -365,7 +382,7 @@ class _Run:
         })  # fmt: skip
         host["_t_step_start"] = t_step
         host["_phases"] = self.timer.take()
-        host["_tokens"] = gen_tokens + self.B * self.n * self.prompt_len
+        host["_tokens"] = gen_tokens + self.B * self.n * enc.tokens_BxP.shape[1]
         host["_samples"] = completions[: self.tc.log_samples]
         return dev_metrics, host
 
