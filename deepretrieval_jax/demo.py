@@ -375,13 +375,14 @@ def summary_markdown(summary: dict) -> str:
             f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] | {'yes' if c['excludes_zero'] else 'no'} |"
         )
     hf = summary["hf_check"]
+    lines += ["", "## RL (train reward per step)", ""]
+    if s is not None:
+        lines.append(
+            f"- steps {s['steps']}: first 20% mean {s['first_mean']:.4f}, last 20% mean "
+            f"{s['last_mean']:.4f}, difference {s['difference']:+.4f} (noise SE "
+            f"{s['noise_se']:.4f}, z = {s['z']:.2f})"
+        )
     lines += [
-        "",
-        "## RL (train reward per step)",
-        "",
-        f"- steps {s['steps']}: first 20% mean {s['first_mean']:.4f}, last 20% mean "
-        f"{s['last_mean']:.4f}, difference {s['difference']:+.4f} (noise SE {s['noise_se']:.4f}, "
-        f"z = {s['z']:.2f})",
         "",
         "## HF export",
         "",
@@ -426,8 +427,9 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
         hf_check = export_and_check(cfg, rl_dir, workdir / "hf", trained)
 
     _, rewards = metrics.series(metrics.read_jsonl(rl_dir / metrics.JSONL_NAME), "reward/mean")
-    stats = learning_stats(rewards)
-    plot_learning(rl_dir, stats, workdir / "learning.png")
+    stats = learning_stats(rewards) if len(rewards) >= 4 else None  # too short a run: no windows
+    if stats is not None:
+        plot_learning(rl_dir, stats, workdir / "learning.png")
     plot_per_claim(trained, zero_shot, metric, workdir / "per_claim.png")
     metrics.plot_rewards(rl_dir)
     table = [
