@@ -50,6 +50,8 @@ EXTRAS = {
         "faiss-cpu>=1.8",
     ],
     "gpu": ["jax[cuda12]"],
+    # TPU VMs; also what AOT compiles for TPU topologies on a CPU host need (libtpu, ~210 MB
+    # wheel): launch/aot_compile.py, tests/test_aot.py (CI installs it: .ci/run).
     "tpu": ["jax[tpu]"],
 }
 EXTRAS["test"] += [d for d in EXTRAS["dense"] if d not in EXTRAS["test"]]
