@@ -200,7 +200,11 @@ def compile_all(
             rows.append(dataclasses.replace(same[0], name=fn.name, compile_s=0.0, note=fn.note))
             continue
         rows.append(_compile(fn, chip, resident))
-        logging.info("compiled %s in %.1f s", fn.name, rows[-1].compile_s)
+        r = rows[-1]
+        logging.info(
+            "compiled %s in %.1f s: peak %.2f GiB (+%.2f resident), %.3g FLOP, %.3g B per chip",
+            fn.name, r.compile_s, r.peak / GiB, r.resident / GiB, r.flops, r.bytes_accessed,
+        )  # fmt: skip
     return Report(topology, len(devices), dict(mesh.shape), chip, rows)
 
 
