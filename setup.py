@@ -58,6 +58,9 @@ EXTRAS = {
     # gs:// workdirs (etils.epath through fsspec); TPU VMs usually write to GCS.
     "gcs": ["gcsfs>=2024.2"],
     "gpu": ["jax[cuda12]"],
+    # TPU VMs (gs:// workdirs through gcsfs); also what AOT compiles for TPU topologies on a
+    # CPU host need (libtpu, ~210 MB wheel): launch/aot_compile.py, tests/test_aot.py (CI
+    # installs it: .ci/run).
     "tpu": ["jax[tpu]", "gcsfs>=2024.2"],
 }
 EXTRAS["test"] += [d for d in EXTRAS["dense"] + EXTRAS["wandb"] if d not in EXTRAS["test"]]

@@ -229,7 +229,9 @@ def base_config() -> ml_collections.ConfigDict:
     """The full config tree with the original PubMed recipe's values."""
     cfg = ml_collections.ConfigDict()
     cfg.seed = 0  # params init, sampling and shuffling RNG
-    cfg.mesh = mesh_config()
+    # FSDP over every device: replicated, the fp32 train state of a 3B actor + critic + AdamW
+    # + reference (~86 GB) fits no accelerator (docs/benchmarks.md, AOT compile table).
+    cfg.mesh = mesh_config(data=1, fsdp=-1)
     cfg.model = model_config()
     cfg.tokenizer = tokenizer_config()
     cfg.data = data_config()

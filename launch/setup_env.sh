@@ -14,7 +14,8 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   . "$VENV/bin/activate"
 fi
 _probe="import deepretrieval_jax, torch, transformers"
-[ "$_extras" = "test" ] && _probe="$_probe, pytest, xdist, hypothesis, sentence_transformers"
+case ",$_extras," in *,test,*) _probe="$_probe, pytest, xdist, hypothesis, sentence_transformers";; esac
+case ",$_extras," in *,tpu,*) _probe="$_probe, libtpu";; esac
 if [ "${DEEPRETRIEVAL_FORCE_INSTALL:-0}" = "1" ] || ! python -c "$_probe" 2>/dev/null; then
   python -m pip install -q --upgrade pip
   python -m pip install -q "torch==2.13.0"

@@ -496,3 +496,33 @@ def test_bf16_cache_is_close_to_fp32(tiny_lm, single_device_greedy):
     np.testing.assert_allclose(
         np.asarray(bf16.logprobs_BnxL)[:, 0], fp32.logprobs_BnxL[:, 0], atol=0.05
     )
+
+
+def test_weights_cast_to_the_compute_dtype_sample_identically(tiny_lm):
+    """bf16 compute: the sampler's bf16 copy of fp32 weights (trainer default) gives the same
+    tokens and log-probs bit for bit, sharded as in training, and holds bf16 arrays."""
+    from deepretrieval_jax import sharding
+    from deepretrieval_jax.models import CausalLM
+    from deepretrieval_jax.sampler import cast_weights, causal_lm_fns
+
+    _, config, params = tiny_lm
+    config = dataclasses.replace(config, dtype="bfloat16")
+    tokens, mask = prompt_batch(config.vocab_size, seed=4)
+    mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
+    rules = sharding.SAMPLER_RULES
+    trainer_params = jax.device_put(
+        params, sharding.param_shardings(CausalLM(config), mesh, sharding.TRAIN_RULES)
+    )
+    outs = []
+    for weights_dtype in (None, "bfloat16"):
+        sampler = Sampler(
+            causal_lm_fns(config, rules=rules), SHARED_GREEDY, mesh=mesh,
+            param_shardings=sharding.param_shardings(CausalLM(config), mesh, rules),
+            batch_axes=("data", "fsdp"), prompt_buckets=(8,), weights_dtype=weights_dtype,
+        )  # fmt: skip
+        outs.append(jax.tree.map(np.asarray, sampler(trainer_params, tokens, mask)))
+    np.testing.assert_array_equal(outs[1].tokens_BnxL, outs[0].tokens_BnxL)
+    np.testing.assert_array_equal(outs[1].logprobs_BnxL, outs[0].logprobs_BnxL)
+    cast = cast_weights(trainer_params, "bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(cast)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(trainer_params)} == {jnp.dtype(jnp.float32)}

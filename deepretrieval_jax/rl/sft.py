@@ -179,6 +179,28 @@ def make_optimizer(sft: SFTConfig) -> optax.GradientTransformation:
     )
 
 
+def state_shardings(model, optimizer, mesh, rules) -> SFTState:
+    """An SFTState of NamedShardings: params per `rules`, AdamW moments following their params
+    (boxed abstract init), the step count replicated."""
+    boxed_params = sharding.abstract_params(model)
+    boxed_opt = jax.eval_shape(optimizer.init, boxed_params)
+    return SFTState(
+        step=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+        params=sharding.shardings_for(boxed_params, mesh, rules),
+        opt_state=sharding.shardings_for(boxed_opt, mesh, rules),
+    )
+
+
+def jit_train_step(model, optimizer, prompt_len: int, state_sh: SFTState):
+    """`train_step` jitted with the state's shardings and the state donated; call (and lower)
+    it inside `sharding.mesh_rules(mesh, rules)`."""
+    return jax.jit(
+        functools.partial(train_step, model=model, optimizer=optimizer, prompt_len=prompt_len),
+        out_shardings=(state_sh, None),
+        donate_argnums=0,
+    )
+
+
 def run_sft(cfg, workdir: str) -> dict:
     """Fine-tunes the policy on (prompt, completion) pairs and checkpoints its params."""
     sft = to_dataclass(SFTConfig, cfg.sft, "sft")
@@ -214,21 +236,12 @@ def run_sft(cfg, workdir: str) -> dict:
     params = setup.load_policy_params(cfg, model, mesh, rules, jax.random.key(cfg.seed))
     logging.info("SFT: %d pairs, policy %.2fM params", num_pairs, setup.param_count(params) / 1e6)
     optimizer = make_optimizer(sft)
-    # Shardings of the whole state: moments follow their params (boxed abstract init), the
-    # step count and scalars are replicated.
-    boxed_opt = jax.eval_shape(optimizer.init, sharding.abstract_params(model))
-    opt_sh = sharding.shardings_for(boxed_opt, mesh, rules)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state_sh = state_shardings(model, optimizer, mesh, rules)
     with sharding.mesh_rules(mesh, rules):
-        opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
-    step0 = jax.device_put(jnp.zeros((), jnp.int32), replicated)
+        opt_state = jax.jit(optimizer.init, out_shardings=state_sh.opt_state)(params)
+    step0 = jax.device_put(jnp.zeros((), jnp.int32), state_sh.step)
     state = SFTState(step=step0, params=params, opt_state=opt_state)
-    state_sh = jax.tree.map(lambda x: x.sharding, state)
-    step_fn = jax.jit(
-        functools.partial(train_step, model=model, optimizer=optimizer, prompt_len=prompt_len),
-        out_shardings=(state_sh, None),
-        donate_argnums=0,
-    )
+    step_fn = jit_train_step(model, optimizer, prompt_len, state_sh)
     ckpt = checkpoint.CheckpointManager(
         workdir / setup.CHECKPOINT_DIR, max_to_keep=1, async_save=False
     )

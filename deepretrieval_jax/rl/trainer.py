@@ -213,6 +213,9 @@ class _Run:
             param_shardings=sharding.param_shardings(self.lm, self.mesh, sharding.SAMPLER_RULES),
             batch_axes=("data", "fsdp"),
             prompt_buckets=tuple(cfg.data.prompt_buckets),
+            # The sampler's weights in the compute dtype: half the bytes of fp32 master weights
+            # per chip and per decode step, same samples (docs/benchmarks.md, AOT compiles).
+            weights_dtype=self.model_cfg.dtype,
         )
         s = cfg.sampling
         common = dict(

@@ -294,6 +294,16 @@ class PPOSteps:
     def advantages(self, state, batch):
         return self._call(self._advantages, state, batch)
 
+    def lower(self, name: str, *args):
+        """Lower step `name` on abstract args (ShapeDtypeStructs with shardings) without running
+        it, for ahead-of-time compilation (`deepretrieval_jax.aot`). "update" is the update
+        given advantages (the trainer's call); the others are the methods above."""
+        fn = self._update_given_adv if name == "update" else getattr(self, f"_{name}", None)
+        if fn is None:
+            raise ValueError(f"PPOSteps.lower: no jitted step {name!r} for this config")
+        with sharding.mesh_rules(self.mesh, self.rules):
+            return fn.lower(*args)
+
 
 def make_jitted(
     cfg: PPOConfig, actor_model, critic_model, mesh, rules=None, compiler_options=None

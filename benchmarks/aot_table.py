@@ -1,0 +1,79 @@
+"""Ahead-of-time compile figures of one PPO step per (model, TPU topology), as JSON lines.
+
+    python benchmarks/aot_table.py --out=/tmp/aot.jsonl --topologies=v5e-8,v5p-8,v5p-32 \
+        --presets=qwen2.5-0.5b,qwen2.5-3b,llama3.2-3b,qwen2.5-7b
+    python benchmarks/aot_table.py --out=/tmp/aot.jsonl --markdown   # the docs table
+
+Each line: the config (configs/pubmed.py with the preset; pubmed_llama.py for Llama), its mesh,
+and per function the compiled per-chip bytes and roofline seconds (deepretrieval_jax.aot).
+Needs libtpu; each full-depth compile takes minutes on a small CPU host.
+"""
+
+import dataclasses
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only: never claim an accelerator
+
+from absl import app, flags  # noqa: E402
+
+from configs import pubmed, pubmed_llama  # noqa: E402
+from deepretrieval_jax import aot  # noqa: E402
+
+_OUT = flags.DEFINE_string("out", "/tmp/aot_table.jsonl", "JSON lines output (appended).")
+_TOPOLOGIES = flags.DEFINE_list("topologies", ["v5e-8", "v5p-8", "v5p-32"], "TPU slices.")
+_PRESETS = flags.DEFINE_list(
+    "presets", ["qwen2.5-0.5b", "qwen2.5-3b", "llama3.2-3b", "qwen2.5-7b"], "Model presets."
+)
+_MARKDOWN = flags.DEFINE_bool("markdown", False, "Print the table of --out instead.")
+
+
+def config(preset: str):
+    cfg = (pubmed_llama if preset.startswith("llama") else pubmed).get_config()
+    cfg.model.preset = preset
+    return cfg
+
+
+def markdown(path: str) -> str:
+    """The docs table of the JSON lines in `path`."""
+    out = [
+        "| model | topology (chips) | mesh (data x fsdp x tensor) | per-chip footprint / HBM | fits"
+        " | est. step | MFU bound |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for line in (json.loads(x) for x in open(path, encoding="utf-8") if x.strip()):
+        chip_bytes, step, mfu = line["max_chip_bytes"], line["step_seconds"], line["mfu_bound"]
+        hbm = line["hbm_bytes"]
+        mesh = "x".join(str(v) for v in line["mesh"].values())
+        out.append(
+            f"| {line['preset']} | {line['topology']} ({line['chips']}) | {mesh} | "
+            f"{chip_bytes / aot.GiB:.1f} / {hbm / aot.GiB:.0f} GiB | "
+            f"{'yes' if chip_bytes <= hbm else '**no**'} | {step:.1f} s | {100 * mfu:.1f}% |"
+        )
+    return "\n".join(out)
+
+
+def main(argv):
+    del argv
+    if _MARKDOWN.value:
+        print(markdown(_OUT.value))
+        return
+    for topology in _TOPOLOGIES.value:
+        for preset in _PRESETS.value:
+            report = aot.compile_all(config(preset), topology, include_sft=False)
+            row = dict(
+                preset=preset, topology=topology, chips=report.num_chips, mesh=report.mesh,
+                chip=report.chip.name, hbm_bytes=report.chip.hbm_bytes,
+                step_seconds=report.step_seconds, mfu_bound=report.mfu_bound,
+                max_chip_bytes=report.max_chip_bytes,
+                rows=[dataclasses.asdict(r) for r in report.rows],
+            )  # fmt: skip
+            with open(_OUT.value, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            print(aot.format_report(report), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

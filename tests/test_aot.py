@@ -1,0 +1,106 @@
+"""Ahead-of-time compilation of the PPO step (deepretrieval_jax.aot): TPU topology and CPU mesh.
+
+The TPU test needs libtpu (`pip install -e '.[tpu]'`) and is skipped only when it is absent.
+"""
+
+import importlib.util
+
+import pytest
+
+from configs import common, demo
+from deepretrieval_jax import aot, aot_steps, sharding
+
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+
+
+def tiny_config(**mesh):
+    """The demo config at test shapes: 1 layer, 8 prompts x 2 samples, 32 + 8 tokens."""
+    cfg = demo.get_config()
+    cfg.model.compact_vocab = False  # no data here: the tiny preset's 256-id vocabulary
+    cfg.model.overrides.num_layers = 1
+    cfg.model.overrides.max_position_embeddings = 64
+    cfg.data.prompt_buckets = (32,)
+    cfg.sampling.max_new_tokens = 8
+    cfg.sampling.n = 2
+    cfg.train.prompts_per_step = 8
+    cfg.ppo.mini_batch_size = 8
+    cfg.sft.batch_size = 8
+    cfg.sft.max_len = 48
+    if mesh:
+        cfg.mesh = common.mesh_config(**mesh)
+    return cfg
+
+
+ALL = (
+    "sampler.prefill", "sampler.decode_step", "ppo.logprobs", "ppo.ref_logprobs", "ppo.values",
+    "ppo.advantages", "ppo.update", "sft.train_step",
+)  # fmt: skip
+
+
+def _check_rows(report, names=ALL, capacity=None):
+    assert [r.name for r in report.rows] == list(names)
+    for r in report.rows:
+        assert r.peak > 0, r
+        if capacity is not None:
+            assert r.peak + r.resident < capacity, r
+    rows = {r.name: r for r in report.rows}
+    # The update takes the whole train state (donated: aliased to its output).
+    update = rows["ppo.update"]
+    assert update.argument >= rows["sampler.prefill"].resident > 0
+    assert update.alias > 0
+    # 8 prompts x 2 samples = 16 rows of mini-batch 8: the scan body runs twice.
+    assert rows["ppo.update"].note.startswith("2 mini-batches")
+    # Per-chip FLOPs x chips against the analytic 2 x params x tokens of the forward pass
+    # (attention and softmax add the rest).
+    fwd = rows["ppo.logprobs"]
+    assert 0.5 < fwd.flops * report.num_chips / fwd.model_flops < 3.0
+    assert update.flops > 2 * fwd.flops  # backward of actor and critic on top
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu not installed (pip install -e '.[tpu]')")
+def test_tiny_config_compiles_for_v5e_2x2():
+    report = aot.compile_all(tiny_config(), "v5e:2x2", reuse_programs=False)
+    assert report.num_chips == 4 and report.mesh == {"data": 4, "fsdp": 1, "tensor": 1}
+    assert report.chip.name == "v5e"
+    _check_rows(report, capacity=report.chip.hbm_bytes)
+    # The reference's log-probs compile to the actor's program (what reuse_programs relies on).
+    rows = {r.name: r for r in report.rows}
+    fields = ("argument", "output", "temp", "peak", "flops", "bytes_accessed")
+    ref, actor = rows["ppo.ref_logprobs"], rows["ppo.logprobs"]
+    assert [getattr(ref, f) for f in fields] == [getattr(actor, f) for f in fields]
+    assert 0 < report.step_seconds
+    assert 0 < report.mfu_bound <= 1.0
+    text = aot.format_report(report)
+    assert "estimated PPO step (roofline)" in text and "fits 16 GiB HBM: yes" in text
+
+
+def test_cpu_topology_reports_per_device_bytes_of_the_mesh():
+    names = ("sampler.prefill", "ppo.logprobs", "ppo.update")  # the rest: the TPU test
+    report = aot.compile_all(tiny_config(data=2, fsdp=4, tensor=1), "cpu", only=names)
+    assert report.num_chips == 8 and report.chip is None
+    _check_rows(report, names)
+    assert report.step_seconds is None
+    assert "CPU-compiled estimate" in aot.format_report(report)
+
+
+def test_fsdp_shards_the_train_state_per_chip():
+    """Independent of XLA: the per-chip state bytes follow the mesh's FSDP size."""
+    import jax
+
+    devices = jax.devices("cpu")
+    per_chip = {}
+    for fsdp in (1, 4):
+        cfg = tiny_config(data=8 // fsdp, fsdp=fsdp, tensor=1)
+        mesh = sharding.make_mesh(cfg.mesh, devices=devices)
+        per_chip[fsdp] = aot_steps.train_state_bytes_per_chip(cfg, mesh)
+    # Weights and AdamW moments with an embed axis divisible by 4 shard 4 ways; biases,
+    # norms and scalars stay replicated, so the ratio is a little above 1/4.
+    ratio = per_chip[4] / per_chip[1]
+    assert 0.25 <= ratio < 0.35, per_chip
+
+
+def test_topology_names():
+    with pytest.raises(ValueError, match="expected cpu"):
+        aot.topology_devices("v5e-eight")
+    with pytest.raises(ValueError, match="chips"):
+        aot.topology_devices("v5e-12")
