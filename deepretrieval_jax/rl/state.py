@@ -30,6 +30,7 @@ from deepretrieval_jax import sharding
 from deepretrieval_jax.models import CausalLM
 from deepretrieval_jax.models.transformer import ValueHead
 from deepretrieval_jax.rl import algo
+from deepretrieval_jax.rl.objectives import POLICY_LOSSES
 
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo")
 CRITICS = ("separate", "shared")
@@ -62,7 +63,17 @@ class PPOConfig:
     clip_low: float = 0.2  # ratio lower clip 1 - clip_low
     clip_high: float = 0.2  # ratio upper clip 1 + clip_high
     dual_clip: float | None = None  # dual-clip constant c > 1 for negative advantages, or None
-    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum
+    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-{mean,sum,sum-norm}
+    loss_norm_len: int = 0  # seq-mean-token-sum-norm: constant length L; 0 = the batch's T
+    policy_loss: str = "ppo"  # "ppo" (token-level ratio) | "gspo" (sequence-level ratio)
+    # DAPO soft overlong penalty added to the score: 0 up to overlong_max_len - buffer, then
+    # linear down to -overlong_penalty_factor at overlong_max_len (response tokens).
+    overlong_buffer_len: int = 0  # 0 = off
+    overlong_max_len: int = 0  # the response length limit (sampling.max_new_tokens)
+    overlong_penalty_factor: float = 1.0  # penalty at overlong_max_len (in reward units)
+    # Sampler-trainer mismatch: truncated importance sampling weight min(pi_trainer/pi_sampler,
+    # tis_cap) on each token's policy-gradient term (the trainer applies it); 0 = off.
+    tis_cap: float = 0.0
     entropy_coef: float = 0.001  # entropy bonus (subtracted from the actor loss)
     value_clip: float | None = 0.5  # value clip range around the old values, or None
     max_grad_norm: float = 1.0  # global-norm clip, actor and critic separately
@@ -95,6 +106,16 @@ class PPOConfig:
                 bad(f, f"one of {algo.KL_ESTIMATORS}")
         if self.loss_agg not in algo.LOSS_AGGREGATIONS:
             bad("loss_agg", f"one of {algo.LOSS_AGGREGATIONS}")
+        if self.policy_loss not in POLICY_LOSSES:
+            bad("policy_loss", f"one of {POLICY_LOSSES}")
+        if self.loss_norm_len < 0:
+            bad("loss_norm_len", ">= 0 (0 = the batch's token width)")
+        if self.overlong_buffer_len < 0 or self.overlong_penalty_factor < 0:
+            bad("overlong_buffer_len", "overlong_buffer_len and overlong_penalty_factor >= 0")
+        if self.overlong_buffer_len and self.overlong_max_len <= self.overlong_buffer_len:
+            bad("overlong_max_len", f"> overlong_buffer_len={self.overlong_buffer_len}")
+        if self.tis_cap != 0 and self.tis_cap < 1.0:
+            bad("tis_cap", "0 (off) or >= 1")
         if self.critic not in CRITICS:
             bad("critic", f"one of {CRITICS}")
         if self.value_loss_coef < 0:
