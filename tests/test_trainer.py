@@ -200,3 +200,20 @@ def test_shared_critic_run_checkpoints_a_value_head_that_hf_export_drops(tmp_pat
     assert fx.params_digest(params) == fx.params_digest(
         {k: v for k, v in result.state.actor_params.items() if k != "value_head"}
     )
+
+
+def test_dynamic_sampling_bf16_sampler_and_tis_are_logged(tmp_path):
+    """GRPO with DAPO dynamic sampling (2x candidates), a bf16 sampler and TIS: the run keeps
+    its batch shape and logs the dropped fraction and the sampler-trainer mismatch each step."""
+    _train(
+        tmp_path, sampling__n=2, sampling__dynamic_sampling=True, sampling__dynamic_oversample=2,
+        sampling__compute_dtype="bfloat16", ppo__advantage_estimator="grpo", ppo__tis_cap=2.0,
+        ppo__kl_in_reward=False,
+    )  # fmt: skip
+    records = metrics.read_jsonl(tmp_path / metrics.JSONL_NAME)
+    assert [r["step"] for r in records] == list(range(1, NUM_STEPS + 1))
+    for r in records:
+        assert 0.0 <= r["dynamic/zero_variance_fraction"] <= 1.0
+        assert r["dynamic/candidate_groups"] == 16  # 2 x 8 prompts
+        assert r["ppo/mismatch_abs_logp_diff_mean"] > 1e-4  # bf16 sampler vs fp32 trainer
+        assert 0.0 < r["ppo/tis_weight_mean"] <= 2.0

@@ -55,7 +55,7 @@ from deepretrieval_jax.config import TrainConfig, resolve_data_dir, to_dataclass
 from deepretrieval_jax.data import backends, render
 from deepretrieval_jax.rewards.pool import PoolConfig, RewardPool
 from deepretrieval_jax.rewards.tasks import make_task
-from deepretrieval_jax.rl import rollout, setup
+from deepretrieval_jax.rl import dynamic_sampling, mismatch, rollout, setup
 from deepretrieval_jax.rl.phases import PhaseTimer
 from deepretrieval_jax.rl.state import (
     PPOConfig,
@@ -208,7 +208,10 @@ class _Run:
         common = dict(
             max_new_tokens=s.max_new_tokens, eos_ids=self.codec.eos_ids, pad_id=self.codec.pad_id
         )
-        fns = causal_lm_fns(self.model_cfg, rules=sharding.SAMPLER_RULES)
+        sampler_model = self.model_cfg  # sampling.compute_dtype: e.g. a bf16 sampler
+        if s.compute_dtype:
+            sampler_model = dataclasses.replace(sampler_model, dtype=s.compute_dtype)
+        fns = causal_lm_fns(sampler_model, rules=sharding.SAMPLER_RULES)
         self.sampler = Sampler(
             fns,
             SamplingConfig(method="sample", temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
@@ -220,6 +223,10 @@ class _Run:
         self._assemble = jax.jit(
             functools.partial(rollout.assemble_batch, n=self.n), out_shardings=bt
         )
+        # Sampler-trainer mismatch metrics (+ TIS with ppo.tis_cap); DAPO dynamic sampling.
+        self._correct = mismatch.make_jitted_correction(self.ppo.tis_cap, bt, self.mesh)
+        self.oversample = s.dynamic_oversample if s.dynamic_sampling else 1
+        self._take_rows = jax.jit(dynamic_sampling.take_rows, out_shardings=(bt, bt.tokens_BxT))
         self.pool = self._make_pool(backend)
         self.writer = metrics.MetricsWriter(
             self.workdir, self.tc.num_steps, self.start_step,
@@ -314,6 +321,8 @@ class _Run:
         jax.block_until_ready(self.state.step)
         idx = next(self.data)
         prompts = [self.train_prompts[i] for i in idx]
+        for _ in range(self.oversample - 1):  # dynamic sampling: more candidate prompts
+            prompts += [self.train_prompts[i] for i in next(self.data)]
         rng = jax.random.fold_in(jax.random.key(self.cfg.seed), step)
         enc, out, pending, local, t_gen = self._sample_and_submit(self.sampler, prompts, rng)
 
@@ -322,6 +331,7 @@ class _Run:
         bt = self.steps.batch_shardings
         p_tok, p_mask = jax.device_put((enc.tokens_BxP, enc.mask_BxP), bt.tokens_BxT)
         batch = run("assemble", self._assemble, p_tok, p_mask, out)
+        sampler_logp = batch.old_logp_BxT  # the sampler's own log-probs (mismatch metrics)
         batch = batch.replace(old_logp_BxT=run("logprobs", self.steps.logprobs, st, batch))
         if self.ppo.use_ref:
             batch = batch.replace(
@@ -337,7 +347,14 @@ class _Run:
         scores, valid = rollout.result_arrays(results)
         scores, valid = setup.global_batch((scores, valid), self.mesh, self.rules)
         batch = batch.replace(scores_B=scores, valid_B=valid)
+        dynamic = {}
+        if self.oversample > 1:  # keep B groups with reward variance (fixed batch shape)
+            rows, dynamic = dynamic_sampling.select_groups(
+                *dynamic_sampling.host_global((scores, valid)), self.n, self.B
+            )
+            batch, sampler_logp = self._take_rows((batch, sampler_logp), rows)
         adv = run("advantages", self.steps.advantages, st, batch)
+        adv = run("mismatch", self._correct, batch, sampler_logp, adv)
 
         t0 = time.perf_counter()
         self.state, dev_metrics = self.steps.update(st, batch, adv)
@@ -347,7 +364,8 @@ class _Run:
         host = rollout.merge_summaries(rollout.allgather_json(summary))
         host.update({f"pool/{k}": v for k, v in self.pool.metrics(reset=True).items()
                      if isinstance(v, (int, float))})  # fmt: skip
-        gen_tokens = host["response/length_mean"] * self.B * self.n
+        host.update(dynamic)
+        gen_tokens = host["response/length_mean"] * self.B * self.n * self.oversample
         host.update({
             "time/generate_s": t_gen, "time/reward_wait_s": t_reward, "time/dispatch_s": t_dispatch,
             "time/update_dispatch_s": time.perf_counter() - t0,
@@ -355,7 +373,7 @@ class _Run:
         })  # fmt: skip
         host["_t_step_start"] = t_step
         host["_phases"] = self.timer.take()
-        host["_tokens"] = gen_tokens + self.B * self.n * self.prompt_len
+        host["_tokens"] = gen_tokens + self.B * self.n * self.oversample * self.prompt_len
         host["_samples"] = completions[: self.tc.log_samples]
         return dev_metrics, host
 
