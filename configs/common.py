@@ -44,6 +44,16 @@ def model_config(preset: str = "qwen2.5-3b") -> ml_collections.ConfigDict:
             # the LM head over 151,665 ids dominates a tiny model's cost). False for real runs.
             compact_vocab=False,  # remap the vocabulary to the task's token ids
             critic_from_actor=True,  # critic trunk starts from the actor's initial weights
+            # LoRA RL: train rank-r adapters on the actor's projections; the optimiser state and
+            # the trained params are the adapters only, the frozen base is also the reference
+            # policy (one copy); the critic trains fully. HF export merges the adapters.
+            lora=ml_collections.ConfigDict(
+                dict(
+                    rank=0,  # adapter rank r; 0 = full fine-tuning
+                    alpha=16.0,  # adapter output scale alpha / r
+                    targets=("q", "k", "v", "o", "gate", "up", "down"),  # adapted projections
+                )
+            ),
         )
     )
 

@@ -20,15 +20,20 @@ from deepretrieval_jax import checkpoint, models, sharding
 from deepretrieval_jax.config import as_dict, resolve_data_dir
 from deepretrieval_jax.data import tasks as tasks_lib
 from deepretrieval_jax.data.records import Example
+from deepretrieval_jax.models import lora as lora_lib
 from deepretrieval_jax.tokenizer import Tokenizer
 
 CHECKPOINT_DIR = "checkpoints"
 
 
 def model_config(cfg) -> models.ModelConfig:
-    """`config.model.preset` with `config.model.overrides` applied."""
+    """`config.model.preset` with `config.model.overrides` (and `config.model.lora`) applied."""
+    lora = cfg.model.get("lora")
+    extra = {}
+    if lora is not None:
+        extra = dict(lora_rank=lora.rank, lora_alpha=lora.alpha, lora_targets=tuple(lora.targets))
     try:
-        return models.ModelConfig.preset(cfg.model.preset, **as_dict(cfg.model.overrides))
+        return models.ModelConfig.preset(cfg.model.preset, **as_dict(cfg.model.overrides), **extra)
     except (TypeError, ValueError) as e:
         raise ValueError(f"config.model: {e}") from e
 
@@ -100,8 +105,11 @@ def load_policy_params(cfg, module: nn.Module, mesh, rules, rng) -> dict:
     """The policy's starting params: an SFT checkpoint, a HF checkpoint, or random init.
 
     `config.model.init_checkpoint` is a CheckpointManager directory whose state holds the
-    params under "params" (what `rl.sft` writes).
+    params under "params" (what `rl.sft` writes). With LoRA these are the base weights only
+    (the adapters start fresh in `rl.state.init_train_state`).
     """
+    if getattr(module.config, "lora_rank", 0) and isinstance(module, models.CausalLM):
+        module = models.CausalLM(lora_lib.base_config(module.config))
     shardings = sharding.param_shardings(module, mesh, rules)
     if cfg.model.init_checkpoint:
         path = Path(cfg.model.init_checkpoint).expanduser()

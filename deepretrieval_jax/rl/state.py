@@ -27,7 +27,7 @@ import optax
 from flax import linen as nn
 
 from deepretrieval_jax import sharding
-from deepretrieval_jax.models import CausalLM
+from deepretrieval_jax.models import CausalLM, lora
 from deepretrieval_jax.models.transformer import ValueHead
 from deepretrieval_jax.rl import algo
 from deepretrieval_jax.rl.objectives import POLICY_LOSSES
@@ -220,6 +220,13 @@ class TrainState:
     consecutive_skips: jax.Array
 
 
+def policy_params(state: TrainState):
+    """The actor's full params: with LoRA, the frozen base (`ref_params`) plus the adapters."""
+    if lora.is_adapter_tree(state.actor_params):
+        return lora.combine(state.ref_params, state.actor_params)
+    return state.actor_params
+
+
 # ----------------------------------------------------------------------------- optimisers
 def make_lr_schedule(
     peak_lr, schedule="constant", warmup_steps=0, total_steps=0, min_lr_ratio=0.0
@@ -334,7 +341,14 @@ def check_models(cfg: PPOConfig, actor_model, critic_model) -> None:
 
 # --------------------------------------------------------------------------- train state
 def create_train_state(cfg: PPOConfig, actor_params, critic_params, ref_params, rng) -> TrainState:
-    """Assemble a fresh state from params (pure; boxed params give boxed optimiser states)."""
+    """Assemble a fresh state from params (pure; boxed params give boxed optimiser states).
+
+    LoRA (actor params with adapters, `models/lora.py`): `actor_params` becomes the trainable
+    part only (adapters, plus a shared critic's value head), so the optimiser state holds only
+    those; `ref_params` becomes the frozen base, which is also the reference policy (one copy).
+    """
+    if lora.has_adapters(actor_params) and not lora.is_adapter_tree(actor_params):
+        actor_params, ref_params = lora.split(actor_params)
     if cfg.separate_critic and critic_params is None:
         raise ValueError(f"advantage_estimator={cfg.advantage_estimator!r} needs critic params")
     if not cfg.separate_critic:
@@ -347,7 +361,7 @@ def create_train_state(cfg: PPOConfig, actor_params, critic_params, ref_params, 
         critic_opt_state=None
         if critic_params is None
         else critic_optimizer(cfg).init(critic_params),
-        ref_params=ref_params if cfg.use_ref else None,
+        ref_params=ref_params if cfg.use_ref or lora.has_adapters(actor_params) else None,
         kl_coef=jnp.asarray(cfg.kl_coef, jnp.float32),
         rng=jnp.asarray(rng, jnp.uint32),
         skipped_steps=jnp.zeros((), jnp.int32),
@@ -382,15 +396,21 @@ def _jitted_init(cfg, actor_model, critic_model, mesh, rules, compiler_options=(
 
     def init(rng, actor_params, critic_params, ref_params):
         k_actor, k_critic, k_state = jax.random.split(rng, 3)
-        if actor_params is None or (cfg.shared_critic and "value_head" not in actor_params):
+        lora_missing = actor_model.config.lora_rank and not lora.has_adapters(actor_params)
+        if (
+            actor_params is None
+            or (cfg.shared_critic and "value_head" not in actor_params)
+            or lora_missing
+        ):
             fresh = nn.meta.unbox(actor_model.init(k_actor, dummy, dummy, dummy)["params"])
-            # Given LM weights (e.g. HF import) get a fresh value head; XLA drops the rest.
-            actor_params = fresh if actor_params is None else {**fresh, **actor_params}
+            # Given LM weights (e.g. HF import) get a fresh value head and fresh LoRA adapters;
+            # XLA drops the rest.
+            actor_params = fresh if actor_params is None else lora.combine(fresh, actor_params)
         if critic_params is None and cfg.separate_critic:
             critic_params = nn.meta.unbox(
                 critic_model.init(k_critic, dummy, dummy, dummy)["params"]
             )
-        if ref_params is None and cfg.use_ref:
+        if ref_params is None and cfg.use_ref and not actor_model.config.lora_rank:
             # A real copy: donating a state whose actor and ref share buffers would fail.
             ref_params = jax.tree.map(jnp.copy, actor_params)
         return create_train_state(cfg, actor_params, critic_params, ref_params, k_state)

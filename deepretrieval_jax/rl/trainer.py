@@ -62,6 +62,7 @@ from deepretrieval_jax.rl.state import (
     create_train_state,
     init_train_state,
     policy_model,
+    policy_params,
 )
 from deepretrieval_jax.rl.update import make_jitted
 from deepretrieval_jax.sampler import Sampler, SamplingConfig, causal_lm_fns
@@ -301,7 +302,8 @@ class _Run:
         # Raw key data on the host: every process passes the same value, which the sampler
         # places on the global mesh (a single-device jax.Array cannot go there multi-host).
         rng = np.asarray(jax.random.key_data(rng))
-        out = sampler(_lm_params(self.state.actor_params), enc.tokens_BxP, enc.mask_BxP, rng)
+        params = _lm_params(policy_params(self.state))  # LoRA: base + adapters
+        out = sampler(params, enc.tokens_BxP, enc.mask_BxP, rng)
         tokens, lengths = rollout.local_rows(out.tokens_BnxL), rollout.local_rows(out.lengths_Bn)
         reasons = rollout.local_rows(out.finish_reason_Bn)
         t_gen = time.perf_counter() - t0
