@@ -258,12 +258,17 @@ class _Run:
                 abstract,
                 self.steps.state_shardings,
             )
+            if self.model_cfg.lora_rank:  # LoRA checkpoints hold no base: reload it as at start
+                target = target.replace(ref_params=None)
             state, meta = self.ckpt.restore(latest, target=target)
+            if self.model_cfg.lora_rank:
+                base = setup.load_policy_params(cfg, self.lm, self.mesh, self.rules, k_actor)
+                state = state.replace(ref_params=base)
             self.data.set_state(meta["data"])
             logging.info("Resumed from %s step %d", self.ckpt.directory, latest)
             return state, latest
         actor_params = critic_params = None  # random init: one jitted init of everything
-        if cfg.model.init_checkpoint or cfg.model.hf_path:
+        if cfg.model.init_checkpoint or cfg.model.hf_path or self.model_cfg.lora_rank:
             # LM weights only; a shared critic's value head starts fresh in init_train_state.
             actor_params = setup.load_policy_params(cfg, self.lm, self.mesh, self.rules, k_actor)
             if self.ppo.separate_critic:
@@ -439,7 +444,10 @@ class _Run:
         return values
 
     def save(self, step: int):
-        self.ckpt.save(step, self.state, {"data": self.data.get_state(), "step": step})
+        state = self.state
+        if self.model_cfg.lora_rank:  # adapters + their optimiser state; the base is reloaded
+            state = state.replace(ref_params=None)
+        self.ckpt.save(step, state, {"data": self.data.get_state(), "step": step})
 
     def close(self):
         self.timer.close()
