@@ -111,7 +111,7 @@ def test_clip_low_and_high_reach_the_actor_loss():
     )  # fmt: skip
     aligned = np.where(m, logp, -0.5)
     # logits whose aligned log-prob of token 0 is `aligned`: a 2-way softmax per position.
-    z = np.log(np.expm1(-np.concatenate([aligned[:, 1:], np.zeros((m.shape[0], 1))], 1)))
+    z = np.log(np.expm1(-np.concatenate([aligned[:, 1:], np.full((m.shape[0], 1), -0.5)], 1)))
     logits = np.stack([np.zeros_like(z), z], axis=-1).astype(np.float32)
     np.testing.assert_allclose(
         algo.logprobs_from_logits(logits[:, :-1], np.zeros((m.shape[0], T - 1), np.int32)),
