@@ -45,6 +45,7 @@ EXTRAS = {
         "tiktoken>=0.7",  # independent reference for the offline Qwen2.5 tokenizer
         "ruff>=0.6",
         "openai>=1.40",  # the serving tests use the OpenAI client against our server
+        "peft>=0.13",  # LoRA export: the PEFT adapter directory must load in peft
     ],
     # Dense retrieval backend (sentence-transformers encoders, optional FAISS index).
     "dense": [

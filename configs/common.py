@@ -46,6 +46,16 @@ def model_config(preset: str = "qwen2.5-3b") -> ml_collections.ConfigDict:
             # the LM head over 151,665 ids dominates a tiny model's cost). False for real runs.
             compact_vocab=False,  # remap the vocabulary to the task's token ids
             critic_from_actor=True,  # critic trunk starts from the actor's initial weights
+            # LoRA RL: train rank-r adapters on the actor's projections; the optimiser state and
+            # the trained params are the adapters only, the frozen base is also the reference
+            # policy (one copy); the critic trains fully. HF export merges the adapters.
+            lora=ml_collections.ConfigDict(
+                dict(
+                    rank=0,  # adapter rank r; 0 = full fine-tuning
+                    alpha=16.0,  # adapter output scale alpha / r
+                    targets=("q", "k", "v", "o", "gate", "up", "down"),  # adapted projections
+                )
+            ),
         )
     )
 
@@ -116,6 +126,12 @@ def sampling_config() -> ml_collections.ConfigDict:
             # Stop strings (exact bytes) ending a completion, in training, validation and
             # evaluation; the token that completes one is kept.
             stop=(),
+            # The ppo/mismatch_* metrics measure the sampler-trainer gap; ppo.tis_cap corrects it.
+            compute_dtype="",  # sampler dtype ("bfloat16": sample in bf16); "" = model's dtype
+            # Dynamic sampling: dynamic_oversample x train.prompts_per_step prompts are sampled,
+            # zero-variance groups dropped first (dynamic/zero_variance_fraction logs the share).
+            dynamic_sampling=False,  # DAPO: keep prompts_per_step groups whose n rewards differ
+            dynamic_oversample=2,  # candidate prompts per kept prompt (>= 2 when enabled)
         )
     )
 
@@ -143,7 +159,18 @@ def ppo_config() -> ml_collections.ConfigDict:
             clip_low=0.2,  # policy ratio clip below: 1 - clip_low
             clip_high=0.2,  # policy ratio clip above: 1 + clip_high
             dual_clip=ml_collections.config_dict.placeholder(float),  # dual clip c > 1, or None
-            loss_agg="token-mean",  # token-mean | seq-mean-token-mean | seq-mean-token-sum
+            # token-mean: PPO, DAPO; seq-mean-token-mean: GRPO, GSPO; -sum-norm: Dr. GRPO.
+            loss_agg="token-mean",  # token-mean | seq-mean-token-{mean,sum,sum-norm}
+            loss_norm_len=0,  # seq-mean-token-sum-norm: constant length (tokens); 0 = batch T
+            policy_loss="ppo",  # "ppo" (token-level ratio) | "gspo" (sequence-level ratio)
+            # DAPO soft overlong penalty added to the score: 0 until overlong_max_len -
+            # overlong_buffer_len response tokens, then linear down to -overlong_penalty_factor.
+            overlong_buffer_len=0,  # DAPO overlong penalty ramp length (tokens); 0 = off
+            overlong_max_len=0,  # overlong penalty: full at this length; = sampling.max_new_tokens
+            overlong_penalty_factor=1.0,  # overlong penalty at overlong_max_len (reward units)
+            # Truncated importance sampling: each token's policy-gradient term is weighted by
+            # min(pi_trainer / pi_sampler, tis_cap) (ppo/mismatch_* metrics show the gap).
+            tis_cap=0.0,  # TIS cap against the sampler-trainer mismatch; 0 = off (verl: 2.0)
             entropy_coef=0.001,  # entropy bonus weight
             value_clip=0.5,  # value clip around the rollout values
             max_grad_norm=1.0,  # global-norm clip, actor and critic separately

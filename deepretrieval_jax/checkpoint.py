@@ -418,6 +418,11 @@ def restore_policy_params(
                 "pass the key that holds the policy params"
             )
         key = found[0]
+    if key is not None and any("_lora_" in name for name in _flat(saved[key])):
+        raise CheckpointError(
+            f"{path}: {key} holds LoRA adapters only; restore them on the run's base weights "
+            "with deepretrieval_jax.lora_export (launch/export_hf.py --lora_rank ... --base_dir)"
+        )
     module = CausalLM(model_config)
     abstract = nn.meta.unbox(sharding.abstract_params(module))
     extra = sorted(set(saved[key]) - set(abstract)) if key is not None else []

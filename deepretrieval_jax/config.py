@@ -168,6 +168,17 @@ def validate(cfg: Any, num_processes: int = 1) -> None:
         raise ValueError(
             f"ppo.advantage_estimator={ppo.advantage_estimator!r} needs sampling.n >= 2"
         )
+    s = cfg.sampling
+    if s.get("dynamic_sampling", False) and (s.n < 2 or s.dynamic_oversample < 2):
+        raise ValueError(
+            "sampling.dynamic_sampling needs sampling.n >= 2 (groups) and "
+            f"sampling.dynamic_oversample >= 2, got n={s.n}, oversample={s.dynamic_oversample}"
+        )
+    if s.get("compute_dtype", "") not in ("", "float32", "bfloat16", "float16"):
+        raise ValueError(
+            f"sampling.compute_dtype must be '', float32, bfloat16 or float16, got "
+            f"{s.compute_dtype!r}"
+        )
     if cfg.sampling.max_new_tokens <= 0:
         raise ValueError(
             f"sampling.max_new_tokens must be positive, got {cfg.sampling.max_new_tokens}"

@@ -266,7 +266,11 @@ def load_params(
     return config, params
 
 
-_NON_SHAPE_FIELDS = ("dtype", "param_dtype", "remat", "max_position_embeddings")
+# Fields an HF checkpoint does not fix (LoRA adapters are ours; export merges them).
+_NON_SHAPE_FIELDS = (
+    "dtype", "param_dtype", "remat", "max_position_embeddings",
+    "lora_rank", "lora_alpha", "lora_targets",
+)  # fmt: skip
 
 
 def _check_same_shapes(config: ModelConfig, ckpt_dir: Path) -> None:

@@ -48,6 +48,7 @@ TRAIN_RULES: Rules = _ACT_RULES + (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("layers", None),
+    ("lora_rank", None),  # LoRA adapters: sharded like their kernel on the other axes
 )
 SAMPLER_RULES: Rules = _ACT_RULES + (
     ("vocab", "tensor"),
@@ -57,6 +58,7 @@ SAMPLER_RULES: Rules = _ACT_RULES + (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("layers", None),
+    ("lora_rank", None),  # LoRA adapters: sharded like their kernel on the other axes
 )
 
 

@@ -12,6 +12,10 @@ actor_params, else an SFT state's params; a saved plain params tree is used as i
 generation_config.json (with the end ids), safetensors and the tokenizer files (or the
 run's vocab_map.json for a compact-vocabulary model). Tokenizer, end ids and vocabulary are
 checked before any weights are read (deepretrieval_jax/export.py).
+
+A LoRA run (config.model.lora.rank > 0) saved adapters only: give its rank/alpha/targets and its
+base weights (`--base_dir`: the run's model.hf_path, or its model.init_checkpoint); the adapters
+are merged into the exported weights, and `--peft_dir` also writes a PEFT adapter directory.
 """
 
 import json
@@ -32,6 +36,13 @@ _TOKENIZER = flags.DEFINE_string("tokenizer_dir", None, "HF tokenizer dir to cop
 _EOS = flags.DEFINE_list("eos_token_ids", None, "End ids (default: the tokenizer's).")
 _VOCAB_MAP = flags.DEFINE_string("vocab_map", None, "vocab_map.json (default: the run's).")
 _DTYPE = flags.DEFINE_string("dtype", None, "Storage dtype (default: the model's param_dtype).")
+_LORA_RANK = flags.DEFINE_integer("lora_rank", 0, "LoRA run: config.model.lora.rank.")
+_LORA_ALPHA = flags.DEFINE_float("lora_alpha", 16.0, "LoRA run: config.model.lora.alpha.")
+_LORA_TARGETS = flags.DEFINE_list(
+    "lora_targets", "q,k,v,o,gate,up,down", "LoRA run: config.model.lora.targets."
+)
+_BASE = flags.DEFINE_string("base_dir", None, "LoRA run: base weights (HF dir or checkpoint).")
+_PEFT = flags.DEFINE_string("peft_dir", None, "LoRA run: also write a PEFT adapter dir here.")
 flags.mark_flags_as_required(["checkpoint_dir", "out_dir"])
 flags.register_multi_flags_validator(
     ["model", "config_json"],
@@ -62,6 +73,16 @@ def main(argv):
             tokenizer = export.run_tokenizer_dir(_CKPT.value)
         plan = export.plan_export(_CKPT.value, config.vocab_size, tokenizer, eos, _VOCAB_MAP.value)
         runtime.log_devices()
+        if _LORA_RANK.value:  # adapters merged into --base_dir's weights
+            from deepretrieval_jax import lora_export
+
+            config = config.replace(lora_rank=_LORA_RANK.value, lora_alpha=_LORA_ALPHA.value,
+                                    lora_targets=tuple(_LORA_TARGETS.value))  # fmt: skip
+            lora_export.export(
+                _CKPT.value, _OUT.value, config, _BASE.value, _PEFT.value, step=_STEP.value,
+                key=_KEY.value or "actor_params", tokenizer=tokenizer, dtype=_DTYPE.value,
+            )  # fmt: skip
+            return
         export.export_run(
             _CKPT.value, _OUT.value, config, plan, _STEP.value, _KEY.value, _DTYPE.value,
             mesh=sharding.make_mesh(),

@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -177,3 +178,43 @@ def test_export_takes_model_and_tokenizer_from_the_run_config(tmp_path):
     gen = transformers.GenerationConfig.from_pretrained(str(tmp_path / "hf"))
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     assert gen.eos_token_id == tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+
+
+def test_export_lora_run_merges_adapters_and_writes_peft(tmp_path):
+    """A LoRA run's checkpoint (adapters only) on an HF base: the merged export and the PEFT
+    adapter directory both reproduce the adapter forward."""
+    import pytest
+    import torch
+
+    from deepretrieval_jax import hf_io
+    from deepretrieval_jax.models import lora
+
+    config = ModelConfig.tiny()
+    base = random_params(CausalLM(config), config, seed=2)
+    hf_io.save_params(base, config, tmp_path / "base")
+    lcfg = config.replace(lora_rank=2, lora_alpha=4.0, lora_targets=("q", "v", "down"))
+    fresh = CausalLM(lcfg).init(jax.random.PRNGKey(0), *(jnp.zeros((1, 1), jnp.int32),) * 3)
+    adapters, _ = lora.split(flax.linen.meta.unbox(fresh["params"]))
+    adapters = jax.tree.map(lambda x: np.random.default_rng(x.size).normal(0, 0.3, x.shape)
+                            .astype(np.float32), adapters)  # fmt: skip
+    with CheckpointManager(tmp_path / "ckpt") as mgr:
+        mgr.save(4, {"actor_params": adapters, "step": jnp.int32(4)})
+    run_cli(f"--checkpoint_dir={tmp_path / 'ckpt'}", "--model=tiny", f"--out_dir={tmp_path / 'hf'}",
+            "--lora_rank=2", "--lora_alpha=4.0", "--lora_targets=q,v,down",
+            f"--base_dir={tmp_path / 'base'}", f"--peft_dir={tmp_path / 'peft'}",
+            "--eos_token_ids=1")  # fmt: skip
+    tokens, positions, mask = left_padded_batch((0, 3), 7, config.vocab_size)
+    want = np.asarray(
+        CausalLM(lcfg).apply({"params": lora.combine(base, adapters)}, tokens, positions, mask)[0]
+    )
+    real = mask.astype(bool)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    merged = torch_logits(hf_model, tokens, positions, mask)
+    np.testing.assert_allclose(merged[real], want[real], atol=2e-4, rtol=0)
+    peft = pytest.importorskip("peft")
+    base_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"))
+    peft_model = peft.PeftModel.from_pretrained(base_model, str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            torch_logits(peft_model, tokens, positions, mask)[real], merged[real], atol=1e-5, rtol=0
+        )

@@ -69,6 +69,8 @@ def np_agg(loss, m, agg):
     per = (loss * m).sum(-1)
     if agg == "seq-mean-token-mean":
         per = per / np.maximum(m.sum(-1), 1)
+    if agg == "seq-mean-token-sum-norm":
+        per = per / m.shape[-1]
     return per[rows].sum() / max(rows.sum(), 1)
 
 

@@ -15,7 +15,7 @@ from flax import linen as nn
 
 from deepretrieval_jax import sharding
 from deepretrieval_jax.models import CausalLM, ModelConfig, ValueModel
-from deepretrieval_jax.rl import algo
+from deepretrieval_jax.rl import algo, dynamic_sampling
 from deepretrieval_jax.rl.state import (
     PPOConfig,
     create_train_state,
@@ -371,20 +371,63 @@ def _learn(cfg, seed, n_steps, group):
     return np.array(rewards)
 
 
+def _learn_dynamic(cfg, seed, n_steps, group):
+    """DAPO dynamic sampling as the trainer does it: two rollouts of B rows are the candidates,
+    `select_groups` keeps B // group groups with reward variance, `take_rows` gathers them."""
+    shape = (1, 1, 1)
+    state = _init(cfg, shape, seed)
+    steps = _steps(cfg, shape)[1]
+    rng = np.random.default_rng(seed)
+    key = jax.random.PRNGKey(100 + seed)
+    rewards, dropped = [], []
+    for _ in range(n_steps):
+        parts = []
+        for j in range(2):
+            key, sub = jax.random.split(key)
+            part = _rollout(cfg, shape, state, rng, sub, group)
+            parts.append(part.replace(group_id_B=part.group_id_B + j * (B // group)))
+        cand = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), *parts)
+        rewards.append(float(np.mean(cand.scores_B)))
+        rows, met = dynamic_sampling.select_groups(cand.scores_B, cand.valid_B, group, B // group)
+        dropped.append(met["dynamic/zero_variance_fraction"])
+        batch = jax.device_put(dynamic_sampling.take_rows(cand, rows), steps.batch_shardings)
+        state, metrics = steps.update(state, batch)
+        assert float(metrics["skipped"]) == 0
+    assert max(dropped) > 0  # groups without reward variance existed and were dropped
+    return np.array(rewards)
+
+
 SHARED = PPO.replace(critic="shared")
+# DAPO: clip-higher, token-level mean, overlong penalty (constant here: every response has R
+# tokens), no KL; used with dynamic sampling below.
+DAPO = GRPO.replace(
+    clip_high=0.28, loss_agg="token-mean", overlong_buffer_len=2, overlong_max_len=R,
+    kl_loss_coef=0.0,
+)  # fmt: skip
+DR_GRPO = GRPO.replace(grpo_normalize_std=False, loss_agg="seq-mean-token-sum-norm")
+GSPO = GRPO.replace(
+    policy_loss="gspo", loss_agg="seq-mean-token-mean", clip_low=3e-3, clip_high=4e-3
+)
 
 
 @pytest.mark.parametrize(
-    "cfg,group",
-    [(PPO, 1), (SHARED, 1), (GRPO, GROUP)],
-    ids=["ppo_gae", "ppo_gae_shared_critic", "grpo"],
+    "cfg,group,learn",
+    [
+        (PPO, 1, _learn),
+        (SHARED, 1, _learn),
+        (GRPO, GROUP, _learn),
+        (DAPO, GROUP, _learn_dynamic),
+        (DR_GRPO, GROUP, _learn),
+        (GSPO, GROUP, _learn),
+    ],
+    ids=["ppo_gae", "ppo_gae_shared_critic", "grpo", "dapo_dynamic", "dr_grpo", "gspo"],
 )
-def test_learns_toy_rule_reward(cfg, group):
+def test_learns_toy_rule_reward(cfg, group, learn):
     """Reward = share of response tokens equal to 7 (chance 1/16). Over several seeds, the mean
     reward of the last 3 steps beats the first 3 by a wide margin on every seed (measured: first
     ~0.05, last ~0.9-1.0; a sign error drives it to 0, a no-op leaves it at ~0.06)."""
     n_steps, seeds = 10, (0, 1, 2)
-    curves = np.stack([_learn(cfg, s, n_steps, group) for s in seeds])
+    curves = np.stack([learn(cfg, s, n_steps, group) for s in seeds])
     first, last = curves[:, :3].mean(1), curves[:, -3:].mean(1)
     assert np.all(first < 0.2), curves
     assert np.all(last > first + 0.4), curves

@@ -433,3 +433,19 @@ def test_slurm_script_activates_the_project_venv(tmp_path, monkeypatch):
     env.update(PATH=f"{fake_bin}:{env['PATH']}", SLURM_ARRAY_TASK_ID="0")
     out = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env)
     assert out.stdout.strip() == f"venv={repo / '.venv'} cmd=python train.py", out.stderr
+
+
+def test_objectives_sweep_points_validate_against_the_demo_config(tmp_path):
+    """configs/sweeps/objectives.py: every objective point is a valid demo config, rows equal."""
+    points = hyper.load_sweep(str(REPO / "configs/sweeps/objectives.py") + ":16,1e-3")
+    runs = hyper.plan(str(REPO / "configs/demo.py"), points, tmp_path)
+    names = [r.point.name for r in runs]
+    assert names == ["ppo_gae", "grpo", "dapo", "dr_grpo", "gspo", "grpo_lora", "dapo_lora"]
+    for r in runs:
+        c = r.config
+        assert c.train.prompts_per_step * c.sampling.n == 16
+    by_name = {r.point.name: r.config for r in runs}
+    assert by_name["gspo"].ppo.policy_loss == "gspo"
+    assert by_name["dapo"].sampling.dynamic_sampling and by_name["dapo"].ppo.clip_high == 0.28
+    assert by_name["dapo_lora"].model.lora.rank == 16
+    assert by_name["grpo_lora"].ppo.actor_lr == 1e-3

@@ -1,6 +1,7 @@
 """The PPO run manager end to end on a tiny model, a tiny BM25 corpus and 8 CPU devices:
 metrics + checkpoint of a run, kill (SIGTERM) and resume bit for bit, the non-finite stop."""
 
+import functools
 import json
 import os
 import signal
@@ -200,3 +201,58 @@ def test_shared_critic_run_checkpoints_a_value_head_that_hf_export_drops(tmp_pat
     assert fx.params_digest(params) == fx.params_digest(
         {k: v for k, v in result.state.actor_params.items() if k != "value_head"}
     )
+
+
+def test_dynamic_sampling_bf16_sampler_and_tis_are_logged(tmp_path):
+    """GRPO with DAPO dynamic sampling (2x candidates), a bf16 sampler and TIS: the run keeps
+    its batch shape and logs the dropped fraction and the sampler-trainer mismatch each step."""
+    _train(
+        tmp_path, sampling__n=2, sampling__dynamic_sampling=True, sampling__dynamic_oversample=2,
+        sampling__compute_dtype="bfloat16", ppo__advantage_estimator="grpo", ppo__tis_cap=2.0,
+        ppo__kl_in_reward=False,
+    )  # fmt: skip
+    records = metrics.read_jsonl(tmp_path / metrics.JSONL_NAME)
+    assert [r["step"] for r in records] == list(range(1, NUM_STEPS + 1))
+    for r in records:
+        assert 0.0 <= r["dynamic/zero_variance_fraction"] <= 1.0
+        assert r["dynamic/candidate_groups"] == 16  # 2 x 8 prompts
+        assert r["ppo/mismatch_abs_logp_diff_mean"] > 1e-4  # bf16 sampler vs fp32 trainer
+        assert 0.0 < r["ppo/tis_weight_mean"] <= 2.0
+
+
+def test_lora_run_checkpoints_adapters_only_resumes_and_exports_merged(tmp_path):
+    """config.model.lora.rank > 0: the checkpoint holds the adapters and their optimiser state,
+    no base; a resumed run reloads the base; the merged export reproduces the adapter forward."""
+    from deepretrieval_jax import lora_export
+    from deepretrieval_jax.models import CausalLM, lora
+    from deepretrieval_jax.rl import setup
+    from deepretrieval_jax.rl.state import policy_params
+
+    cfg = fx.tiny_config(NUM_STEPS)
+    cfg.model.lora.rank = 4
+    ex = fx.examples()
+    run = functools.partial(trainer.train, train_examples=ex, val_examples=ex, backend=fx.backend())
+    first = run(cfg, tmp_path)
+    saved = checkpoint.saved_structure(tmp_path / "checkpoints", NUM_STEPS)
+    assert lora.is_adapter_tree(saved["actor_params"])
+    assert not saved.get("ref_params")  # the frozen base is not checkpointed
+    n_adapter = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(saved["actor_params"]))
+    n_opt = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(saved["actor_opt_state"]))
+    assert n_adapter < n_opt <= 2 * n_adapter + 8  # AdamW moments of the adapters (+ counts)
+    base = first.state.ref_params
+    cfg.train.num_steps = NUM_STEPS + 1
+    resumed = run(cfg, tmp_path)
+    assert resumed.step == NUM_STEPS + 1
+    for a, b in zip(jax.tree.leaves(resumed.state.ref_params), jax.tree.leaves(base), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # same base, reloaded
+    vocab = base["transformer"]["embedder"]["embedding"].shape[0]  # the compact vocabulary
+    model_cfg = setup.model_config(cfg).replace(vocab_size=vocab)
+    mesh = jax.tree.leaves(base)[0].sharding.mesh  # the adapters restored beside the base
+    merged = lora_export.merged_policy_params(tmp_path, model_cfg, base, mesh=mesh)
+    tokens = np.arange(12, dtype=np.int32).reshape(2, 6) % vocab
+    args = (tokens, np.broadcast_to(np.arange(6), (2, 6)), np.ones((2, 6), bool))
+    want = CausalLM(model_cfg).apply({"params": policy_params(resumed.state)}, *args)[0]
+    got = CausalLM(lora.base_config(model_cfg)).apply({"params": merged}, *args)[0]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
+    with pytest.raises(checkpoint.CheckpointError, match="LoRA adapters only"):
+        checkpoint.restore_policy_params(tmp_path, lora.base_config(model_cfg))

@@ -14,6 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 
 FAMILIES = ("qwen2", "llama")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 
@@ -58,6 +59,9 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of activations
     param_dtype: str = "float32"  # storage dtype of parameters (fp32 master weights)
     remat: bool = False  # rematerialise each decoder layer in the backward pass
+    lora_rank: int = 0  # LoRA adapters of this rank on lora_targets (models/lora.py); 0 = none
+    lora_alpha: float = 16.0  # LoRA scale alpha / rank
+    lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")  # projections
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -77,6 +81,15 @@ class ModelConfig:
                 raise ValueError(
                     f"ModelConfig.{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}"
                 )
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        bad = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+        if self.lora_rank < 0 or (self.lora_rank and (bad or not self.lora_targets)):
+            raise ValueError(
+                f"ModelConfig: lora_rank must be >= 0 and lora_targets a non-empty subset of "
+                f"{LORA_TARGETS}, got rank {self.lora_rank}, targets {self.lora_targets}"
+            )
+        if self.lora_rank and self.lora_alpha <= 0:
+            raise ValueError(f"ModelConfig.lora_alpha must be positive, got {self.lora_alpha}")
         if isinstance(self.rope_scaling, dict):  # allow plain dicts from ConfigDicts
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from deepretrieval_jax.models import lora
 from deepretrieval_jax.models.config import ModelConfig
 
 _NEG_INF = -1e30  # finite, so fully masked query rows give a uniform (finite) softmax
@@ -100,6 +101,8 @@ class Attention(nn.Module):
                 pdtype,
             )
             y = jnp.einsum("btd,dnh->btnh", x_BxTxD, w.astype(dtype))
+            y = y + lora.delta(self, name, x_BxTxD, (D,), (heads, Hd), ("embed",),
+                               (head_axis, "head_dim"))  # fmt: skip
             if cfg.qkv_bias:
                 b = param_with_axes(
                     self, f"{name}_bias", nn.initializers.zeros, (heads, Hd),
@@ -149,6 +152,9 @@ class Attention(nn.Module):
             self, "o_kernel", init, (H, Hd, D), ("q_heads", "head_dim", "embed"), pdtype
         )
         y_BxTxD = jnp.einsum("btnh,nhd->btd", out_BxTxHxHd, o_HxHdxD.astype(dtype))
+        y_BxTxD = y_BxTxD + lora.delta(
+            self, "o", out_BxTxHxHd, (H, Hd), (D,), ("q_heads", "head_dim"), ("embed",)
+        )
         return y_BxTxD, new_cache_kv
 
 
@@ -167,11 +173,16 @@ class MLP(nn.Module):
         up_DxF = param_with_axes(self, "up_kernel", init, (D, F), ("embed", "mlp"), pdtype)
         down_FxD = param_with_axes(self, "down_kernel", init, (F, D), ("mlp", "embed"), pdtype)
         gate_BxTxF = x_BxTxD @ gate_DxF.astype(dtype)
+        gate_BxTxF = gate_BxTxF + lora.delta(
+            self, "gate", x_BxTxD, (D,), (F,), ("embed",), ("mlp",)
+        )
         up_BxTxF = x_BxTxD @ up_DxF.astype(dtype)
+        up_BxTxF = up_BxTxF + lora.delta(self, "up", x_BxTxD, (D,), (F,), ("embed",), ("mlp",))
         h_BxTxF = nn.with_logical_constraint(
             jax.nn.silu(gate_BxTxF) * up_BxTxF, ("act_batch", "act_len", "act_mlp")
         )
-        return h_BxTxF @ down_FxD.astype(dtype)
+        y_BxTxD = h_BxTxF @ down_FxD.astype(dtype)
+        return y_BxTxD + lora.delta(self, "down", h_BxTxF, (F,), (D,), ("mlp",), ("embed",))
 
 
 class DecoderLayer(nn.Module):

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from deepretrieval_jax.models import lora
 from deepretrieval_jax.models.config import DTYPES, ModelConfig
 from deepretrieval_jax.models.layers import DecoderLayer, RMSNorm, param_with_axes
 
@@ -196,7 +197,8 @@ class ValueModel(nn.Module):
     config: ModelConfig
 
     def setup(self):
-        self.transformer = Transformer(self.config)
+        # The critic trains fully: no LoRA adapters on its trunk (models/lora.py).
+        self.transformer = Transformer(lora.base_config(self.config))
         self.value_head = ValueHead(self.config)
 
     def __call__(self, tokens_BxT, positions_BxT, mask_BxT, cache=None):

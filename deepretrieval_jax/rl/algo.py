@@ -23,7 +23,12 @@ import jax
 import jax.numpy as jnp
 
 KL_ESTIMATORS = ("k1", "abs", "k2", "mse", "k3", "low_var_kl")
-LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+LOSS_AGGREGATIONS = (
+    "token-mean",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+)
 
 
 # ------------------------------------------------------------------------- masked statistics
@@ -244,12 +249,16 @@ def kl_controller_update(kl_coef, current_kl, n_steps, target, horizon):
 
 # ---------------------------------------------------------------------------------- losses
 @functools.partial(jax.jit, static_argnames=("agg",))
-def aggregate_loss(loss_BxT, mask_BxT, agg="token-mean", num_tokens=None, num_rows=None):
+def aggregate_loss(
+    loss_BxT, mask_BxT, agg="token-mean", num_tokens=None, num_rows=None, norm_len=None
+):
     """Reduce a per-token loss to a scalar.
 
-        token-mean:          sum_{b,t} m*l / N_tokens
-        seq-mean-token-mean: sum_b [ sum_t m*l / max(sum_t m, 1) ] / N_rows
-        seq-mean-token-sum:  sum_b [ sum_t m*l ] / N_rows
+        token-mean:              sum_{b,t} m*l / N_tokens               (DAPO's token-level mean)
+        seq-mean-token-mean:     sum_b [ sum_t m*l / max(sum_t m, 1) ] / N_rows  (GRPO, GSPO)
+        seq-mean-token-sum:      sum_b [ sum_t m*l ] / N_rows
+        seq-mean-token-sum-norm: sum_b [ sum_t m*l ] / (N_rows * L)     (Dr. GRPO: a constant
+                                 L = `norm_len` instead of each row's length; None = T)
     N_tokens (masked-in tokens) and N_rows (rows with >= 1 masked-in token) default to this
     batch's counts; a gradient-accumulation loop passes the whole mini-batch's counts so the sum
     of its micro-batch losses equals the mini-batch loss exactly.
@@ -266,6 +275,8 @@ def aggregate_loss(loss_BxT, mask_BxT, agg="token-mean", num_tokens=None, num_ro
     row_B = masked_sum(loss_BxT, mask_BxT, axis=-1)
     if agg == "seq-mean-token-mean":
         row_B = row_B / jnp.maximum(jnp.sum(mask_BxT, axis=-1), 1.0)
+    if agg == "seq-mean-token-sum-norm":
+        row_B = row_B / (mask_BxT.shape[-1] if norm_len is None else norm_len)
     return jnp.sum(row_B) / jnp.maximum(num_rows, 1.0)
 
 
@@ -281,6 +292,7 @@ def policy_loss(
     agg="token-mean",
     num_tokens=None,
     num_rows=None,
+    norm_len=None,
 ):
     """Clipped surrogate (PPO) with separate low/high clip and optional dual clip.
 
@@ -314,12 +326,20 @@ def policy_loss(
         "ratio_mean": masked_mean(ratio, mask),
         "approx_kl": masked_mean(kl_estimate(-log_ratio, 0.0, "k3"), mask),
     }
-    return aggregate_loss(loss, mask, agg, num_tokens, num_rows), metrics
+    return aggregate_loss(loss, mask, agg, num_tokens, num_rows, norm_len), metrics
 
 
 @functools.partial(jax.jit, static_argnames=("agg",))
 def value_loss(
-    values, old_values, returns, mask, clip=0.5, agg="token-mean", num_tokens=None, num_rows=None
+    values,
+    old_values,
+    returns,
+    mask,
+    clip=0.5,
+    agg="token-mean",
+    num_tokens=None,
+    num_rows=None,
+    norm_len=None,
 ):
     """Clipped value loss (PPO2).
 
@@ -349,7 +369,7 @@ def value_loss(
         "value_clipfrac": masked_mean(clipped, mask),
         "value_mean": masked_mean(values, mask),
     }
-    return aggregate_loss(loss, mask, agg, num_tokens, num_rows), metrics
+    return aggregate_loss(loss, mask, agg, num_tokens, num_rows, norm_len), metrics
 
 
 # ---------------------------------------------------------------------------------- logits

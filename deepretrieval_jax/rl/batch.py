@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from deepretrieval_jax import sharding
-from deepretrieval_jax.rl import algo
+from deepretrieval_jax.rl import algo, objectives
 from deepretrieval_jax.rl.state import PPOConfig
 
 # (params, tokens_BxT, positions_BxT, mask_BxT) -> logits_BxTxV float32 / values_BxT float32
@@ -120,7 +120,9 @@ def loss_mask(batch) -> jax.Array:
 def compute_advantages(batch: RolloutBatch, cfg: PPOConfig, kl_coef):
     """Advantages and returns of a rollout batch (pure, jit-able).
 
-    Token rewards r_t = -kl_coef * KL_t (if `kl_in_reward`) + score on the last response token.
+    Token rewards r_t = -kl_coef * KL_t (if `kl_in_reward`) + score on the last response token;
+    with `overlong_buffer_len` > 0 the score includes DAPO's overlong penalty of the row's
+    response length (`objectives.overlong_penalty`; score_* metrics report the raw scores).
     gae: (A, R) = GAE(r, old_values), A whitened over valid response tokens if configured.
     grpo / rloo: outcome o_i = sum_t r_t (the score minus the summed in-reward KL), group
     advantage broadcast to the row's response tokens; R = A (no critic).
@@ -130,12 +132,18 @@ def compute_advantages(batch: RolloutBatch, cfg: PPOConfig, kl_coef):
     """
     mask_BxT = loss_mask(batch)
     valid_B = jnp.asarray(batch.valid_B).astype(jnp.bool_)
+    response_len_B = jnp.sum(mask_BxT, axis=-1).astype(jnp.float32)
+    overlong_B, scores_B = jnp.zeros_like(response_len_B), batch.scores_B
+    if cfg.overlong_buffer_len > 0:  # DAPO soft overlong penalty, part of the score
+        overlong_B = objectives.overlong_penalty(
+            response_len_B, cfg.overlong_max_len, cfg.overlong_buffer_len,
+            cfg.overlong_penalty_factor,
+        )  # fmt: skip
+        scores_B = jnp.where(valid_B, scores_B + overlong_B, scores_B)
     kl_BxT = algo.kl_estimate(batch.old_logp_BxT, batch.ref_logp_BxT, cfg.kl_estimator)
     kl_BxT = jnp.where(mask_BxT & cfg.use_ref, kl_BxT, 0.0)
     in_reward = cfg.kl_in_reward and cfg.use_ref
-    rewards_BxT = algo.token_rewards(
-        batch.scores_B, kl_BxT if in_reward else None, mask_BxT, kl_coef
-    )
+    rewards_BxT = algo.token_rewards(scores_B, kl_BxT if in_reward else None, mask_BxT, kl_coef)
     if cfg.advantage_estimator == "gae":
         adv_BxT, returns_BxT = algo.gae(
             rewards_BxT, batch.old_values_BxT, mask_BxT, cfg.gamma, cfg.lam
@@ -143,7 +151,7 @@ def compute_advantages(batch: RolloutBatch, cfg: PPOConfig, kl_coef):
         if cfg.whiten_advantages:
             adv_BxT = algo.masked_whiten(adv_BxT, mask_BxT)
     else:
-        outcome_B = jnp.where(valid_B, batch.scores_B, 0.0)
+        outcome_B = jnp.where(valid_B, scores_B, 0.0)
         if in_reward:
             outcome_B = outcome_B - kl_coef * jnp.sum(kl_BxT, axis=-1)
         if cfg.advantage_estimator == "grpo":
@@ -154,7 +162,6 @@ def compute_advantages(batch: RolloutBatch, cfg: PPOConfig, kl_coef):
             adv_B = algo.rloo_advantages(outcome_B, batch.group_id_B, valid_B)
         adv_BxT = jnp.where(mask_BxT, adv_B[:, None], 0.0)
         returns_BxT = adv_BxT
-    response_len_B = jnp.sum(mask_BxT, axis=-1).astype(jnp.float32)
     metrics = {
         "score_mean": algo.masked_mean(batch.scores_B, valid_B),
         "score_max": jnp.where(
@@ -173,6 +180,8 @@ def compute_advantages(batch: RolloutBatch, cfg: PPOConfig, kl_coef):
         "returns_mean": algo.masked_mean(returns_BxT, mask_BxT),
         "token_reward_sum_mean": algo.masked_mean(jnp.sum(rewards_BxT, -1), valid_B),
     }
+    if cfg.overlong_buffer_len > 0:
+        metrics["overlong_penalty_mean"] = algo.masked_mean(overlong_B, valid_B)
     if cfg.use_critic:
         metrics["explained_variance"] = algo.explained_variance(
             batch.old_values_BxT, returns_BxT, mask_BxT

@@ -11,7 +11,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from deepretrieval_jax.rl import algo
+from deepretrieval_jax.rl import algo, objectives
 from deepretrieval_jax.rl.batch import aligned_logp_entropy, shift_right
 from deepretrieval_jax.rl.state import PPOConfig
 
@@ -40,13 +40,28 @@ def actor_loss(params, mb, cfg: PPOConfig, policy_fn, num_tokens, num_rows):
     return _actor_terms(logits_BxTxV, mb, cfg, num_tokens, num_rows)
 
 
+def _agg(cfg: PPOConfig, num_tokens, num_rows) -> dict:
+    return dict(
+        agg=cfg.loss_agg,
+        num_tokens=num_tokens,
+        num_rows=num_rows,
+        norm_len=cfg.loss_norm_len or None,
+    )
+
+
 def _actor_terms(logits_BxTxV, mb, cfg: PPOConfig, num_tokens, num_rows):
     logp_BxT, entropy_BxT = aligned_logp_entropy(logits_BxTxV, mb.tokens_BxT)
     m = mb.loss_mask_BxT
-    agg = dict(agg=cfg.loss_agg, num_tokens=num_tokens, num_rows=num_rows)
-    pg_loss, metrics = algo.policy_loss(
-        logp_BxT, mb.old_logp_BxT, mb.adv_BxT, m, cfg.clip_low, cfg.clip_high, cfg.dual_clip, **agg
-    )
+    agg = _agg(cfg, num_tokens, num_rows)
+    if cfg.policy_loss == "gspo":
+        pg_loss, metrics = objectives.gspo_policy_loss(
+            logp_BxT, mb.old_logp_BxT, mb.adv_BxT, m, cfg.clip_low, cfg.clip_high, **agg
+        )
+    else:
+        pg_loss, metrics = algo.policy_loss(
+            logp_BxT, mb.old_logp_BxT, mb.adv_BxT, m, cfg.clip_low, cfg.clip_high, cfg.dual_clip,
+            **agg,
+        )  # fmt: skip
     entropy = algo.aggregate_loss(entropy_BxT, m, **agg)
     loss = pg_loss - cfg.entropy_coef * entropy
     metrics = dict(metrics, entropy_tok=algo.masked_mean(entropy_BxT, m))
@@ -74,8 +89,8 @@ def _critic_terms(raw_values_BxT, mb, cfg: PPOConfig, num_tokens, num_rows):
     values_BxT = shift_right(raw_values_BxT.astype(jnp.float32))
     m = mb.loss_mask_BxT
     loss, metrics = algo.value_loss(
-        values_BxT, mb.old_values_BxT, mb.returns_BxT, m, cfg.value_clip, cfg.loss_agg,
-        num_tokens, num_rows,
+        values_BxT, mb.old_values_BxT, mb.returns_BxT, m, cfg.value_clip,
+        **_agg(cfg, num_tokens, num_rows),
     )  # fmt: skip
     share = jnp.sum(m) / jnp.maximum(num_tokens, 1.0)
     metrics = {k: v * share for k, v in metrics.items()}

@@ -20,6 +20,7 @@ from deepretrieval_jax import checkpoint, models, sharding
 from deepretrieval_jax.config import as_dict, resolve_data_dir
 from deepretrieval_jax.data import tasks as tasks_lib
 from deepretrieval_jax.data.records import Example
+from deepretrieval_jax.models import lora as lora_lib
 from deepretrieval_jax.tokenizer import Tokenizer
 
 CHECKPOINT_DIR = "checkpoints"
@@ -29,8 +30,14 @@ RANDOM_INIT_WARN_PARAMS = 100e6  # a random init above this size is almost surel
 
 
 def model_config(cfg) -> models.ModelConfig:
-    """`config.model.preset` (or, when it is "", model.hf_path's config.json) + overrides."""
+    """`config.model.preset` (or, when it is "", model.hf_path's config.json) + overrides
+    (and `config.model.lora`)."""
     overrides = as_dict(cfg.model.overrides)
+    lora = cfg.model.get("lora")
+    if lora is not None:
+        overrides.update(
+            lora_rank=lora.rank, lora_alpha=lora.alpha, lora_targets=tuple(lora.targets)
+        )
     if not cfg.model.preset:
         if not cfg.model.hf_path:
             raise ValueError(
@@ -135,8 +142,11 @@ def load_policy_params(cfg, module: nn.Module, mesh, rules, rng) -> dict:
     """The policy's starting params: an SFT checkpoint, a HF checkpoint, or random init.
 
     `config.model.init_checkpoint` is a CheckpointManager directory whose state holds the
-    params under "params" (what `rl.sft` writes).
+    params under "params" (what `rl.sft` writes). With LoRA these are the base weights only
+    (the adapters start fresh in `rl.state.init_train_state`).
     """
+    if getattr(module.config, "lora_rank", 0) and isinstance(module, models.CausalLM):
+        module = models.CausalLM(lora_lib.base_config(module.config))
     shardings = sharding.param_shardings(module, mesh, rules)
     if cfg.model.init_checkpoint:
         path = Path(cfg.model.init_checkpoint).expanduser()

@@ -37,6 +37,7 @@ from deepretrieval_jax import checkpoint, export, metrics, models, sharding
 from deepretrieval_jax import workdir as workdir_lib
 from deepretrieval_jax.config import SFTConfig, to_dataclass
 from deepretrieval_jax.data import render
+from deepretrieval_jax.models import lora
 from deepretrieval_jax.rl import setup
 
 
@@ -232,7 +233,7 @@ def run_sft(cfg, workdir: str) -> dict:
         raise ValueError(
             f"config.sft.batch_size ({sft.batch_size}) must divide by data*fsdp ({dp})"
         )
-    model = models.CausalLM(model_cfg)
+    model = models.CausalLM(lora.base_config(model_cfg))  # SFT trains the full model
     params = setup.load_policy_params(cfg, model, mesh, rules, jax.random.key(cfg.seed))
     logging.info("SFT: %d pairs, policy %.2fM params", num_pairs, setup.param_count(params) / 1e6)
     optimizer = make_optimizer(sft)

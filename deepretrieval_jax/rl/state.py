@@ -27,9 +27,10 @@ import optax
 from flax import linen as nn
 
 from deepretrieval_jax import sharding
-from deepretrieval_jax.models import CausalLM
+from deepretrieval_jax.models import CausalLM, lora
 from deepretrieval_jax.models.transformer import ValueHead
 from deepretrieval_jax.rl import algo
+from deepretrieval_jax.rl.objectives import POLICY_LOSSES
 
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo")
 CRITICS = ("separate", "shared")
@@ -62,7 +63,17 @@ class PPOConfig:
     clip_low: float = 0.2  # ratio lower clip 1 - clip_low
     clip_high: float = 0.2  # ratio upper clip 1 + clip_high
     dual_clip: float | None = None  # dual-clip constant c > 1 for negative advantages, or None
-    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum
+    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-{mean,sum,sum-norm}
+    loss_norm_len: int = 0  # seq-mean-token-sum-norm: constant length L; 0 = the batch's T
+    policy_loss: str = "ppo"  # "ppo" (token-level ratio) | "gspo" (sequence-level ratio)
+    # DAPO soft overlong penalty added to the score: 0 up to overlong_max_len - buffer, then
+    # linear down to -overlong_penalty_factor at overlong_max_len (response tokens).
+    overlong_buffer_len: int = 0  # 0 = off
+    overlong_max_len: int = 0  # the response length limit (sampling.max_new_tokens)
+    overlong_penalty_factor: float = 1.0  # penalty at overlong_max_len (in reward units)
+    # Sampler-trainer mismatch: truncated importance sampling weight min(pi_trainer/pi_sampler,
+    # tis_cap) on each token's policy-gradient term (the trainer applies it); 0 = off.
+    tis_cap: float = 0.0
     entropy_coef: float = 0.001  # entropy bonus (subtracted from the actor loss)
     value_clip: float | None = 0.5  # value clip range around the old values, or None
     max_grad_norm: float = 1.0  # global-norm clip, actor and critic separately
@@ -99,6 +110,16 @@ class PPOConfig:
                 bad(f, f"one of {algo.KL_ESTIMATORS}")
         if self.loss_agg not in algo.LOSS_AGGREGATIONS:
             bad("loss_agg", f"one of {algo.LOSS_AGGREGATIONS}")
+        if self.policy_loss not in POLICY_LOSSES:
+            bad("policy_loss", f"one of {POLICY_LOSSES}")
+        if self.loss_norm_len < 0:
+            bad("loss_norm_len", ">= 0 (0 = the batch's token width)")
+        if self.overlong_buffer_len < 0 or self.overlong_penalty_factor < 0:
+            bad("overlong_buffer_len", "overlong_buffer_len and overlong_penalty_factor >= 0")
+        if self.overlong_buffer_len and self.overlong_max_len <= self.overlong_buffer_len:
+            bad("overlong_max_len", f"> overlong_buffer_len={self.overlong_buffer_len}")
+        if self.tis_cap != 0 and self.tis_cap < 1.0:
+            bad("tis_cap", "0 (off) or >= 1")
         if self.critic not in CRITICS:
             bad("critic", f"one of {CRITICS}")
         if self.value_loss_coef < 0:
@@ -201,6 +222,13 @@ class TrainState:
     rng: jax.Array
     skipped_steps: jax.Array
     consecutive_skips: jax.Array
+
+
+def policy_params(state: TrainState):
+    """The actor's full params: with LoRA, the frozen base (`ref_params`) plus the adapters."""
+    if lora.is_adapter_tree(state.actor_params):
+        return lora.combine(state.ref_params, state.actor_params)
+    return state.actor_params
 
 
 # ----------------------------------------------------------------------------- optimisers
@@ -317,7 +345,14 @@ def check_models(cfg: PPOConfig, actor_model, critic_model) -> None:
 
 # --------------------------------------------------------------------------- train state
 def create_train_state(cfg: PPOConfig, actor_params, critic_params, ref_params, rng) -> TrainState:
-    """Assemble a fresh state from params (pure; boxed params give boxed optimiser states)."""
+    """Assemble a fresh state from params (pure; boxed params give boxed optimiser states).
+
+    LoRA (actor params with adapters, `models/lora.py`): `actor_params` becomes the trainable
+    part only (adapters, plus a shared critic's value head), so the optimiser state holds only
+    those; `ref_params` becomes the frozen base, which is also the reference policy (one copy).
+    """
+    if lora.has_adapters(actor_params) and not lora.is_adapter_tree(actor_params):
+        actor_params, ref_params = lora.split(actor_params)
     if cfg.separate_critic and critic_params is None:
         raise ValueError(f"advantage_estimator={cfg.advantage_estimator!r} needs critic params")
     if not cfg.separate_critic:
@@ -330,7 +365,7 @@ def create_train_state(cfg: PPOConfig, actor_params, critic_params, ref_params, 
         critic_opt_state=None
         if critic_params is None
         else critic_optimizer(cfg).init(critic_params),
-        ref_params=ref_params if cfg.use_ref else None,
+        ref_params=ref_params if cfg.use_ref or lora.has_adapters(actor_params) else None,
         kl_coef=jnp.asarray(cfg.kl_coef, jnp.float32),
         rng=jnp.asarray(rng, jnp.uint32),
         skipped_steps=jnp.zeros((), jnp.int32),
@@ -365,15 +400,21 @@ def _jitted_init(cfg, actor_model, critic_model, mesh, rules, compiler_options=(
 
     def init(rng, actor_params, critic_params, ref_params):
         k_actor, k_critic, k_state = jax.random.split(rng, 3)
-        if actor_params is None or (cfg.shared_critic and "value_head" not in actor_params):
+        lora_missing = actor_model.config.lora_rank and not lora.has_adapters(actor_params)
+        if (
+            actor_params is None
+            or (cfg.shared_critic and "value_head" not in actor_params)
+            or lora_missing
+        ):
             fresh = nn.meta.unbox(actor_model.init(k_actor, dummy, dummy, dummy)["params"])
-            # Given LM weights (e.g. HF import) get a fresh value head; XLA drops the rest.
-            actor_params = fresh if actor_params is None else {**fresh, **actor_params}
+            # Given LM weights (e.g. HF import) get a fresh value head and fresh LoRA adapters;
+            # XLA drops the rest.
+            actor_params = fresh if actor_params is None else lora.combine(fresh, actor_params)
         if critic_params is None and cfg.separate_critic:
             critic_params = nn.meta.unbox(
                 critic_model.init(k_critic, dummy, dummy, dummy)["params"]
             )
-        if ref_params is None and cfg.use_ref:
+        if ref_params is None and cfg.use_ref and not actor_model.config.lora_rank:
             # A real copy: donating a state whose actor and ref share buffers would fail.
             ref_params = jax.tree.map(jnp.copy, actor_params)
         return create_train_state(cfg, actor_params, critic_params, ref_params, k_state)

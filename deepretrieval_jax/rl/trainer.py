@@ -55,13 +55,14 @@ from deepretrieval_jax.config import TrainConfig, resolve_data_dir, to_dataclass
 from deepretrieval_jax.data import backends, render
 from deepretrieval_jax.rewards.pool import PoolConfig, RewardPool
 from deepretrieval_jax.rewards.tasks import make_task
-from deepretrieval_jax.rl import rollout, setup
+from deepretrieval_jax.rl import dynamic_sampling, mismatch, rollout, setup
 from deepretrieval_jax.rl.phases import PhaseTimer
 from deepretrieval_jax.rl.state import (
     PPOConfig,
     create_train_state,
     init_train_state,
     policy_model,
+    policy_params,
 )
 from deepretrieval_jax.rl.update import make_jitted
 from deepretrieval_jax.sampler import Sampler, SamplingConfig, causal_lm_fns
@@ -222,7 +223,10 @@ class _Run:
             max_new_tokens=s.max_new_tokens, eos_ids=self.codec.eos_ids, pad_id=self.codec.pad_id,
             stop=self.stop,
         )  # fmt: skip
-        fns = causal_lm_fns(self.model_cfg, rules=sharding.SAMPLER_RULES)
+        sampler_model = self.model_cfg  # sampling.compute_dtype: e.g. a bf16 sampler
+        if s.compute_dtype:
+            sampler_model = dataclasses.replace(sampler_model, dtype=s.compute_dtype)
+        fns = causal_lm_fns(sampler_model, rules=sharding.SAMPLER_RULES)
         self.sampler = Sampler(
             fns,
             SamplingConfig(method="sample", temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
@@ -234,6 +238,10 @@ class _Run:
         self._assemble = jax.jit(
             functools.partial(rollout.assemble_batch, n=self.n), out_shardings=bt
         )
+        # Sampler-trainer mismatch metrics (+ TIS with ppo.tis_cap); DAPO dynamic sampling.
+        self._correct = mismatch.make_jitted_correction(self.ppo.tis_cap, bt, self.mesh)
+        self.oversample = s.dynamic_oversample if s.dynamic_sampling else 1
+        self._take_rows = jax.jit(dynamic_sampling.take_rows, out_shardings=(bt, bt.tokens_BxT))
         self.pool = self._make_pool(backend)
         self.writer = metrics.MetricsWriter(
             self.workdir, self.tc.num_steps, self.start_step,
@@ -265,14 +273,19 @@ class _Run:
                 abstract,
                 self.steps.state_shardings,
             )
+            if self.model_cfg.lora_rank:  # LoRA checkpoints hold no base: reload it as at start
+                target = target.replace(ref_params=None)
             latest, state, meta = self.ckpt.restore_latest(target)  # falls back past a corrupt step
+            if self.model_cfg.lora_rank:
+                base = setup.load_policy_params(cfg, self.lm, self.mesh, self.rules, k_actor)
+                state = state.replace(ref_params=base)
             self.data.set_state(meta["data"])
             logging.info("Resumed from %s step %d", self.ckpt.directory, latest)
             return state, latest
         actor_params = critic_params = None  # random init: one jitted init of everything
         if not (cfg.model.init_checkpoint or cfg.model.hf_path):
             setup.warn_random_init(self.model_cfg)
-        else:
+        if cfg.model.init_checkpoint or cfg.model.hf_path or self.model_cfg.lora_rank:
             # LM weights only; a shared critic's value head starts fresh in init_train_state.
             actor_params = setup.load_policy_params(cfg, self.lm, self.mesh, self.rules, k_actor)
             if self.ppo.separate_critic:
@@ -322,7 +335,8 @@ class _Run:
         # Raw key data on the host: every process passes the same value, which the sampler
         # places on the global mesh (a single-device jax.Array cannot go there multi-host).
         rng = np.asarray(jax.random.key_data(rng))
-        out = sampler(_lm_params(self.state.actor_params), enc.tokens_BxP, enc.mask_BxP, rng)
+        params = _lm_params(policy_params(self.state))  # LoRA: base + adapters
+        out = sampler(params, enc.tokens_BxP, enc.mask_BxP, rng)
         tokens, lengths = rollout.local_rows(out.tokens_BnxL), rollout.local_rows(out.lengths_Bn)
         reasons = rollout.local_rows(out.finish_reason_Bn)
         t_gen = time.perf_counter() - t0
@@ -343,6 +357,8 @@ class _Run:
         jax.block_until_ready(self.state.step)
         idx = next(self.data)
         prompts = [self.train_prompts[i] for i in idx]
+        for _ in range(self.oversample - 1):  # dynamic sampling: more candidate prompts
+            prompts += [self.train_prompts[i] for i in next(self.data)]
         rng = jax.random.fold_in(jax.random.key(self.cfg.seed), step)
         enc, out, pending, local, t_gen = self._sample_and_submit(self.sampler, prompts, rng)
 
@@ -351,6 +367,7 @@ class _Run:
         bt = self.steps.batch_shardings
         p_tok, p_mask = jax.device_put((enc.tokens_BxP, enc.mask_BxP), bt.tokens_BxT)
         batch = run("assemble", self._assemble, p_tok, p_mask, out)
+        sampler_logp = batch.old_logp_BxT  # the sampler's own log-probs (mismatch metrics)
         if self.ppo.recompute_logprobs:  # else the sampler's log-probs (assemble_batch)
             batch = batch.replace(old_logp_BxT=run("logprobs", self.steps.logprobs, st, batch))
         if self.ppo.use_ref:
@@ -367,7 +384,14 @@ class _Run:
         scores, valid = rollout.result_arrays(results)
         scores, valid = setup.global_batch((scores, valid), self.mesh, self.rules)
         batch = batch.replace(scores_B=scores, valid_B=valid)
+        dynamic = {}
+        if self.oversample > 1:  # keep B groups with reward variance (fixed batch shape)
+            rows, dynamic = dynamic_sampling.select_groups(
+                *dynamic_sampling.host_global((scores, valid)), self.n, self.B
+            )
+            batch, sampler_logp = self._take_rows((batch, sampler_logp), rows)
         adv = run("advantages", self.steps.advantages, st, batch)
+        adv = run("mismatch", self._correct, batch, sampler_logp, adv)
 
         t0 = time.perf_counter()
         self.state, dev_metrics = self.steps.update(st, batch, adv)
@@ -377,7 +401,8 @@ class _Run:
         host = rollout.merge_summaries(rollout.allgather_json(summary))
         host.update({f"pool/{k}": v for k, v in self.pool.metrics(reset=True).items()
                      if isinstance(v, (int, float))})  # fmt: skip
-        gen_tokens = host["response/length_mean"] * self.B * self.n
+        host.update(dynamic)
+        gen_tokens = host["response/length_mean"] * self.B * self.n * self.oversample
         host.update({
             "time/generate_s": t_gen, "time/reward_wait_s": t_reward, "time/dispatch_s": t_dispatch,
             "time/update_dispatch_s": time.perf_counter() - t0,
@@ -385,7 +410,7 @@ class _Run:
         })  # fmt: skip
         host["_t_step_start"] = t_step
         host["_phases"] = self.timer.take()
-        host["_tokens"] = gen_tokens + self.B * self.n * enc.tokens_BxP.shape[1]
+        host["_tokens"] = gen_tokens + self.B * self.n * self.oversample * enc.tokens_BxP.shape[1]
         host["_samples"] = completions[: self.tc.log_samples]
         return dev_metrics, host
 
@@ -449,7 +474,10 @@ class _Run:
         return values
 
     def save(self, step: int):
-        self.ckpt.save(step, self.state, {"data": self.data.get_state(), "step": step})
+        state = self.state
+        if self.model_cfg.lora_rank:  # adapters + their optimiser state; the base is reloaded
+            state = state.replace(ref_params=None)
+        self.ckpt.save(step, state, {"data": self.data.get_state(), "step": step})
 
     def close(self):
         self.timer.close()

@@ -28,6 +28,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from deepretrieval_jax import sharding
+from deepretrieval_jax.models import lora
 from deepretrieval_jax.rl import algo, losses
 from deepretrieval_jax.rl.batch import (
     PolicyFn,
@@ -320,15 +321,24 @@ def make_jitted(
     batch_sh = rollout_batch_shardings(mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     bt = batch_sh.tokens_BxT
-    update = functools.partial(
-        ppo_update,
-        cfg=cfg,
-        policy_fn=policy_fn,
-        value_fn=value_fn,
-        policy_value_fn=pv_fn,
-        mesh=mesh,
-        rules=rules,
-    )
+    use_lora = bool(actor_model.config.lora_rank)
+
+    def full(state):  # LoRA: the frozen base (ref_params) plus the trained adapters
+        return (
+            lora.combine(state.ref_params, state.actor_params) if use_lora else state.actor_params
+        )
+
+    def update(state, batch, advantages=None):
+        pf, pvf = policy_fn, pv_fn
+        if use_lora:  # gradients reach the adapters only; the base is a traced constant
+            base = state.ref_params
+            pf = lambda p, *a: policy_fn(lora.combine(base, p), *a)  # noqa: E731
+            if pv_fn is not None:
+                pvf = lambda p, *a: pv_fn(lora.combine(base, p), *a)  # noqa: E731
+        return ppo_update(
+            state, batch, cfg=cfg, policy_fn=pf, value_fn=value_fn, policy_value_fn=pvf,
+            mesh=mesh, rules=rules, advantages=advantages,
+        )  # fmt: skip
 
     def jit(fn, out):
         return jax.jit(
@@ -340,16 +350,16 @@ def make_jitted(
 
     def ref_logp(state, batch):
         params = state.ref_params if state.ref_params is not None else state.actor_params
-        return compute_logprobs(policy_fn, params, batch)
+        return compute_logprobs(policy_fn, params, batch)  # LoRA: base without adapters
 
     def critic_params(state):
-        return state.actor_params if cfg.shared_critic else state.critic_params
+        return full(state) if cfg.shared_critic else state.critic_params
 
     def prepare(state, batch):
         """One forward pass per model: old log-probs, reference log-probs, old values."""
         if cfg.shared_critic:
             logits, values = pv_fn(
-                state.actor_params, batch.tokens_BxT, batch.positions_BxT, batch.mask_BxT
+                full(state), batch.tokens_BxT, batch.positions_BxT, batch.mask_BxT
             )
             return _with_ref(
                 state,
@@ -358,7 +368,7 @@ def make_jitted(
                     old_values_BxT=shift_right(values.astype(jnp.float32)),
                 ),
             )
-        batch = batch.replace(old_logp_BxT=compute_logprobs(policy_fn, state.actor_params, batch))
+        batch = batch.replace(old_logp_BxT=compute_logprobs(policy_fn, full(state), batch))
         if state.critic_params is not None:
             batch = batch.replace(
                 old_values_BxT=compute_values(value_fn, state.critic_params, batch)
@@ -366,7 +376,7 @@ def make_jitted(
         return _with_ref(state, batch)
 
     def _with_ref(state, batch):
-        if state.ref_params is not None:
+        if cfg.use_ref and state.ref_params is not None:
             batch = batch.replace(ref_logp_BxT=compute_logprobs(policy_fn, state.ref_params, batch))
         return batch
 
@@ -384,14 +394,14 @@ def make_jitted(
             compiler_options=compiler_options,
         ),
         _update_given_adv=jax.jit(
-            lambda s, b, adv: update(s, b, advantages=adv),
+            lambda s, b, adv: update(s, b, adv),
             in_shardings=(state_sh, batch_sh, adv_sh),
             out_shardings=(state_sh, replicated),
             donate_argnums=(0,),
             compiler_options=compiler_options,
         ),
         _prepare=jit(prepare, batch_sh),
-        _logprobs=jit(lambda s, b: compute_logprobs(policy_fn, s.actor_params, b), bt),
+        _logprobs=jit(lambda s, b: compute_logprobs(policy_fn, full(s), b), bt),
         _ref_logprobs=jit(ref_logp, bt),
         _values=(
             jit(lambda s, b: compute_values(value_fn, critic_params(s), b), bt)
