@@ -37,7 +37,7 @@ def model_config(preset: str = "qwen2.5-3b") -> ml_collections.ConfigDict:
         dict(
             # ModelConfig.preset name ("qwen2.5-3b", "llama3.2-3b", "tiny", ...); "" = the shape
             # of model.hf_path's config.json (any Qwen2/Llama checkpoint, no preset needed).
-            preset=preset,
+            preset=preset,  # preset name, or "" = the shape of hf_path's config.json
             # ModelConfig fields that override the preset / config.json (e.g. dtype, remat).
             overrides=ml_collections.ConfigDict(dict(dtype="bfloat16", remat=True)),
             hf_path="",  # HF checkpoint dir (config.json + safetensors); "" = random init
@@ -65,7 +65,7 @@ def tokenizer_config(name: str = "") -> ml_collections.ConfigDict:
         dict(
             # "" = the tokenizer files in model.hf_path (else the offline Qwen2.5 tokenizer);
             # "qwen2.5" = the offline Qwen2.5 tokenizer; or a HF tokenizer directory.
-            name=name,
+            name=name,  # "" = model.hf_path's tokenizer (else Qwen2.5), "qwen2.5" or a dir
         )
     )
 
@@ -84,7 +84,7 @@ def data_config(task: str = "pubmed") -> ml_collections.ConfigDict:
             shuffle_seed=0,  # data order; part of the resumable iterator state
             num_val_examples=-1,  # examples in each validation pass; -1 = whole split
             # Replacements of the task's prompt texts (TaskSpec fields); None = the task's own.
-            prompt=prompt_config(),
+            prompt=prompt_config(),  # prompt pieces replacing the task's (None = keep)
         )
     )
 
@@ -104,11 +104,11 @@ def prompt_config() -> ml_collections.ConfigDict:
             input_header=none(),  # line before the rendered input
             # Start of the assistant turn, written by the harness (e.g. '<answer>{"query": "');
             # the reward parser prepends it to the completion.
-            assistant_prefix=none(),
+            assistant_prefix=none(),  # start of the assistant turn (prefilled)
             # Appended by the harness to a completion that ended on a stop string (after cutting
             # it there), e.g. "</answer>": with a prefilled answer opening and stop '"}', the
             # answer format cannot break (report such a protocol as such).
-            answer_suffix=none(),
+            answer_suffix=none(),  # closes a completion that ended on a stop string
         )
     )
 
@@ -125,7 +125,7 @@ def sampling_config() -> ml_collections.ConfigDict:
             n=1,  # samples per prompt
             # Stop strings (exact bytes) ending a completion, in training, validation and
             # evaluation; the token that completes one is kept.
-            stop=(),
+            stop=(),  # stop strings, e.g. ('"}',); () = EOS / max_new_tokens only
             # The ppo/mismatch_* metrics measure the sampler-trainer gap; ppo.tis_cap corrects it.
             compute_dtype="",  # sampler dtype ("bfloat16": sample in bf16); "" = model's dtype
             # Dynamic sampling: dynamic_oversample x train.prompts_per_step prompts are sampled,
@@ -191,7 +191,7 @@ def ppo_config() -> ml_collections.ConfigDict:
             max_consecutive_skips=3,  # stop the run after this many non-finite steps in a row
             # True: old log-probs from one actor pass before the update; False: the sampler's
             # (saves a forward pass; exact up to numerics for one fp32 update per rollout)
-            recompute_logprobs=True,
+            recompute_logprobs=True,  # False: the sampler's log-probs as the old ones
         )
     )
 

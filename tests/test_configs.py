@@ -70,6 +70,7 @@ def test_every_common_field_is_commented():
 def test_validation_names_the_field():
     cfg = _parse(f"--config={ROOT / 'configs' / 'demo.py'}")
     cfg.unlock()
+    cfg.ppo.micro_batch_size = 0
     cfg.ppo.mini_batch_size = 5
     with pytest.raises(ValueError, match="ppo.mini_batch_size"):
         config_lib.validate(cfg)

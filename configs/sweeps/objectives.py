@@ -58,7 +58,7 @@ def get_sweep(arg: str | None = None) -> list[hyper.Point]:
     if lora_lr:
         lora["config.ppo.actor_lr"] = float(lora_lr)
     return [
-        *hyper.named("ppo_gae", {"config.ppo.advantage_estimator": "gae"}),
+        *hyper.named("ppo_gae", {**group, "config.ppo.advantage_estimator": "gae"}),
         *hyper.named("grpo", grpo),
         *hyper.named("dapo", dapo),
         *hyper.named("dr_grpo", dr_grpo),
