@@ -6,16 +6,17 @@ The TPU test needs libtpu (`pip install -e '.[tpu]'`) and is skipped only when i
 import importlib.util
 
 import pytest
+import tiny_config as tiny
 
-from configs import common, demo
+from configs import common
 from deepretrieval_jax import aot, aot_steps, sharding
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
 
 def tiny_config(**mesh):
-    """The demo config at test shapes: 1 layer, 8 prompts x 2 samples, 32 + 8 tokens."""
-    cfg = demo.get_config()
+    """The tests' tiny config at test shapes: 1 layer, 8 prompts x 2 samples, 32 + 8 tokens."""
+    cfg = tiny.get_config()
     cfg.model.compact_vocab = False  # no data here: the tiny preset's 256-id vocabulary
     cfg.model.overrides.num_layers = 1
     cfg.model.overrides.max_position_embeddings = 64
