@@ -12,8 +12,9 @@ errors). Reward: DeepRetrieval's SciFact reward, 0.1 + NDCG@50 from local BM25 (
 over title + "\n" + text), -2 for a malformed answer. RL: GRPO, 8 claims x 4 samples per step at
 temperature 0.7, no critic and no reference model (the cheapest recipe that learns here, see
 docs/demo_results.md), full fine-tuning in fp32.
-Expected: see docs/demo_results.md for the measured runs (times, the final table with paired
-bootstrap CIs, and what is and is not deterministic).
+Expected (measured, docs/demo_results.md): 37.6 min wall on the shared 2-core machine (53.7 min
+CPU time), peak RSS 7.3 GB; test NDCG@10 zero-shot 0.471 (13.7% format errors) -> trained 0.682
+(0.3%), +0.212 [95% CI +0.169, +0.255]; claim as query 0.686, prompt-only HyDE 0.491.
 """
 
 import ml_collections
@@ -65,6 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.train.num_steps = 30  # RL steps: 240 training claims, 960 sampled queries
     cfg.train.val_every = 0  # the test claims are evaluated after training instead
     cfg.train.checkpoint_every = 10
+    cfg.train.max_to_keep = 1  # one 1.4 GB checkpoint (params + Adam state) on disk
     cfg.train.async_checkpoint = False
     cfg.sft.num_steps = 0  # a pretrained instruct model needs no cold start here
     cfg.demo = ml_collections.ConfigDict(
