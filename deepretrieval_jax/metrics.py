@@ -112,7 +112,13 @@ class MetricsWriter:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(logdir=str(self.workdir / "tb"), purge_step=start_step + 1)
+            # The suffix keeps a resumed run's event file apart from the first one's even when
+            # both start within the same second (tensorboardX names files by time and host).
+            self._tb = SummaryWriter(
+                logdir=str(self.workdir / "tb"),
+                purge_step=start_step + 1,
+                filename_suffix=f".from{start_step}",
+            )
         if progress:  # a tqdm bar on a terminal, occasional plain lines in a log file
             from deepretrieval_jax import progress as progress_lib
 

@@ -27,7 +27,9 @@ from deepretrieval_jax.search.bm25 import BM25Backend, BM25Index
 from deepretrieval_jax.search.sql import SQLBackend, SQLConfig
 
 BATCH_BOUND_S = 3.0  # Generous for a loaded 2-core CI machine; typical batches take ~10 ms.
-PARSE_BOUND_S = 0.05
+# Catches super-linear parsing (the old pattern took 2.3 s at 2,048 spaces, 17.5 s at 4,096)
+# while tolerating a starved CI worker; benchmarks/hostile_inputs.py measures the real figure.
+PARSE_BOUND_S = 1.0
 
 RUNAWAY = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
 _HOSTILE = [
