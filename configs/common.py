@@ -231,6 +231,9 @@ def train_config() -> ml_collections.ConfigDict:
             max_to_keep=3,  # checkpoints kept
             async_checkpoint=True,  # write checkpoints in the background
             log_samples=4,  # completions logged as text at each validation
+            # Equal-compute comparisons: stop (checkpointing) after the first step at which this
+            # process's CPU time in the loop (all threads: sampler, update, BM25) exceeds it.
+            cpu_budget_minutes=0.0,  # minutes of CPU time; 0 = run all num_steps
         )
     )
 

@@ -440,12 +440,18 @@ def test_objectives_sweep_points_validate_against_the_demo_config(tmp_path):
     points = hyper.load_sweep(str(REPO / "configs/sweeps/objectives.py") + ":16,1e-3")
     runs = hyper.plan(str(REPO / "configs/demo.py"), points, tmp_path)
     names = [r.point.name for r in runs]
-    assert names == ["ppo_gae", "grpo", "dapo", "dr_grpo", "gspo", "grpo_lora", "dapo_lora"]
+    assert names == [
+        "ppo_gae", "ppo_critic", "grpo", "dapo", "dr_grpo", "gspo", "grpo_lora", "dapo_lora"
+    ]  # fmt: skip
     for r in runs:
         c = r.config
         assert c.train.prompts_per_step * c.sampling.n == 16
     by_name = {r.point.name: r.config for r in runs}
+    assert by_name["ppo_gae"].ppo.critic == "shared" and by_name["ppo_gae"].sampling.n == 1
+    assert by_name["ppo_critic"].ppo.critic == "separate"
     assert by_name["gspo"].ppo.policy_loss == "gspo"
     assert by_name["dapo"].sampling.dynamic_sampling and by_name["dapo"].ppo.clip_high == 0.28
+    assert by_name["dapo"].ppo.overlong_buffer_len == 16
     assert by_name["dapo_lora"].model.lora.rank == 16
     assert by_name["grpo_lora"].ppo.actor_lr == 1e-3
+    assert by_name["grpo"].ppo.actor_lr == 5e-6  # the demo's rate: only LoRA points change it

@@ -105,6 +105,15 @@ def test_sigterm_then_resume_is_bitwise_identical(full_run, tmp_path, monkeypatc
     assert steps == [1, 2]
 
 
+def test_cpu_budget_stops_after_the_step_that_spends_it_and_checkpoints(tmp_path, capsys):
+    result = _train(tmp_path, num_steps=5, train__cpu_budget_minutes=1e-9)
+    assert result.step == 1 and not result.preempted
+    assert "CPU budget of 1e-09 min spent after step 1" in capsys.readouterr().out
+    mgr = checkpoint.CheckpointManager(tmp_path / "checkpoints", async_save=False)
+    assert mgr.latest_step() == 1
+    mgr.close()
+
+
 def test_non_finite_rewards_stop_the_run_naming_the_step(tmp_path, monkeypatch):
     real_result_arrays = rollout.result_arrays
 

@@ -102,13 +102,16 @@ class _Preemption:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
-    def any_process(self) -> bool:
-        if jax.process_count() == 1:
-            return self.requested
-        from jax.experimental import multihost_utils
 
-        flags = multihost_utils.process_allgather(np.array([int(self.requested)], np.int32))
-        return bool(np.any(flags))
+
+def _any_process(flag: bool) -> bool:
+    """True when `flag` is set on any process (every process gets the same answer)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.array([int(flag)], np.int32))
+    return bool(np.any(flags))
 
 
 def _prompts(spec, examples, tokenizer, max_len: int, what: str):
@@ -518,7 +521,8 @@ def train(cfg, workdir, *, train_examples=None, val_examples=None, backend=None)
     """
     run = _Run(cfg, workdir, train_examples, val_examples, backend)
     step, pending, last = run.start_step, None, {}
-    preempted = False
+    preempted = over_budget = False
+    cpu_start, budget_s = time.process_time(), run.tc.cpu_budget_minutes * 60
     try:
         with _Preemption() as preemption:
             while step < run.tc.num_steps:
@@ -534,15 +538,25 @@ def train(cfg, workdir, *, train_examples=None, val_examples=None, backend=None)
                     run.validate(step)
                 if run.tc.checkpoint_every and step % run.tc.checkpoint_every == 0:
                     run.save(step)
-                if preemption.any_process():
+                if _any_process(preemption.requested):
                     preempted = True
+                    break
+                if budget_s and _any_process(time.process_time() - cpu_start > budget_s):
+                    over_budget = True
                     break
             if pending is not None:
                 last = run.log(*pending)
             if preempted:
                 run.writer.log(f"SIGTERM: checkpointing step {step} and stopping")
-            elif run.tc.val_every:
-                run.validate(step)
+            else:
+                if over_budget:
+                    run.writer.log(
+                        f"CPU budget of {run.tc.cpu_budget_minutes:g} min spent after step"
+                        f" {step} ({(time.process_time() - cpu_start) / 60:.1f} min): stopping;"
+                        f" train.num_steps={step} repeats this run"
+                    )
+                if run.tc.val_every:
+                    run.validate(step)
             run.ckpt.wait_until_finished()
             if run.ckpt.latest_step() != step:
                 run.save(step)
