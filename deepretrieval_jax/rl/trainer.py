@@ -163,10 +163,6 @@ class _Run:
         self.ppo = to_dataclass(PPOConfig, cfg.ppo, "ppo")
         spec = setup.task_spec(cfg)
         self.agent = harness.agent_config(cfg)  # multi-turn search agent, or None
-        if self.agent is not None:  # its reward task scores whole transcripts
-            spec = spec.replace(
-                reward_task=self.agent.reward_task, reward_opts=self.agent.reward_opts
-            )
         if train_examples is None:
             train_examples = setup.load_examples(cfg, spec, cfg.data.train_split)
         if val_examples is None:
@@ -179,6 +175,10 @@ class _Run:
         ]
         texts += [teacher_completion(spec, ex) for ex in [*train_examples, *val_examples]]
         self.spec, self.model_cfg, self.codec = setup.text_setup(cfg, texts=texts)
+        if self.agent is not None:  # its reward task scores whole transcripts
+            self.spec = self.spec.replace(
+                reward_task=self.agent.reward_task, reward_opts=self.agent.reward_opts
+            )
         if self.codec.vocab_map is not None and jax.process_index() == 0:  # for the export
             export.write_vocab_map(workdir, cfg.tokenizer.name, self.codec.vocab_map.ids)
         # Truncate only after the compact vocabulary saw the whole split (SFT's vocabulary).
