@@ -297,3 +297,22 @@ def config_args(arg: str | None, allowed: tuple[str, ...], where: str) -> set[st
         use = ",".join(allowed) if allowed else "no argument"
         raise ValueError(f"{where}: unknown arg(s) {unknown}; use {use}")
     return args
+
+
+def agent_config() -> ml_collections.ConfigDict:
+    """The multi-turn search agent (deepretrieval_jax/agent; AgentConfig). Its presence in a
+    config turns the rollout multi-turn: search, read the results, search again or answer."""
+    return ml_collections.ConfigDict(
+        dict(
+            max_turns=3,  # generation turns per row: up to max_turns - 1 searches, then answer
+            docs_per_search=3,  # results shown in each <information> block
+            doc_chars=300,  # characters of each shown document (title: text), then "..."
+            info_max_tokens=192,  # tokens of one inserted block (its width in the buffer)
+            max_turn_tokens=64,  # tokens one turn may generate
+            # Leave the decode loop to search once this fraction of rows waits; 1.0 = when
+            # every row waits or is finished (fewest host round trips).
+            exit_waiting_fraction=1.0,  # fraction of waiting rows that triggers the searches
+            reward_task="agent_ndcg",  # agent_ndcg (BEIR) | agent_qa (QA: EM / F1)
+            reward_opts=ml_collections.ConfigDict(),  # its TaskConfig overrides (rewards/agent.py)
+        )
+    )

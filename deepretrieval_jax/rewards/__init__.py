@@ -3,6 +3,7 @@
 from deepretrieval_jax.rewards import PoolConfig, RewardPool, RewardRequest, make_tasks
 """
 
+from deepretrieval_jax.rewards import agent  # noqa: F401  (registers agent_qa, agent_ndcg)
 from deepretrieval_jax.rewards.cache import CacheMode, ReplayMiss, ResultCache
 from deepretrieval_jax.rewards.parsing import ParsedAnswer, parse_completion
 from deepretrieval_jax.rewards.pool import (

@@ -283,6 +283,33 @@ class RewardPool:
         """submit() + result(): the synchronous form for evaluation."""
         return self.submit(requests).result(timeout)
 
+    def search(
+        self, backend: str, queries: Sequence[str], opts: Mapping[str, Any], timeout=None
+    ) -> list[tuple[str, Any]]:
+        """Runs `queries` on `backend` through the pool (semaphore, cache, in-flight sharing,
+        retries); returns one outcome per query, in order: ("ok", ids), ("rejected", message)
+        or ("error", message) (a BackendError or timeout: infrastructure). The multi-turn
+        rollout's searches go through here."""
+        if self._loop is None:
+            raise RuntimeError("RewardPool.search() before start() (or use `with pool:`)")
+        if backend not in self.backends:
+            raise ValueError(f"unknown backend {backend!r}; known: {sorted(self.backends)}")
+
+        async def one(query):
+            try:
+                return ("ok", await self._search(backend, query, dict(opts)))
+            except QueryRejected as exc:
+                return ("rejected", str(exc))
+            except (BackendError, ReplayMiss, asyncio.TimeoutError, TimeoutError) as exc:
+                return ("error", f"{type(exc).__name__}: {exc}")
+
+        async def batch():
+            out = await asyncio.gather(*(one(q) for q in queries))
+            self.cache.flush()
+            return list(out)
+
+        return asyncio.run_coroutine_threadsafe(batch(), self._loop).result(timeout)
+
     def metrics(self, reset: bool = False) -> dict[str, float]:
         """Counters since the last reset (see the module docstring for the keys)."""
         with self._lock:

@@ -408,7 +408,7 @@ def make_task(name: str, overrides: Any = None, *, passages: Mapping | None = No
     config = family.config_cls(**defaults)
     if overrides is not None:
         config = config.override(overrides, where=f"tasks.{name}")
-    if family is EvidenceTask:
+    if family is EvidenceTask or getattr(family, "uses_passages", False):
         return family(name, config, passages=passages)
     return family(name, config)
 

@@ -111,17 +111,26 @@ def assemble_batch(prompt_tokens_BxP, prompt_mask_BxP, out: SampleOutput, n: int
     """The RolloutBatch of a sample (jit-able); scores/valid/ref/values are filled in later.
 
     Row r = prompt r // n; tokens = [prompt | completion], token-aligned old log-probs from the
-    sampler's raw (temperature-1) log-probs.
+    sampler's raw (temperature-1) log-probs; response mask = the generated tokens.
     """
     p_tok = jnp.repeat(prompt_tokens_BxP, n, axis=0)
     p_mask = jnp.repeat(prompt_mask_BxP, n, axis=0).astype(jnp.int32)
     R, P = p_tok.shape
-    c_mask = out.mask_BnxL.astype(jnp.int32)
-    tokens = jnp.concatenate([p_tok, out.tokens_BnxL], axis=1)
+    # Real completion tokens first (a stable per-row compaction; the identity for one turn):
+    # a multi-turn buffer has gaps (mask 0), and token t's log-prob is read from position
+    # t - 1, which must therefore be the previous real token.
+    order = jnp.argsort(~out.mask_BnxL.astype(jnp.bool_), axis=1, stable=True)
+    take = lambda x: jnp.take_along_axis(x, order, axis=1)  # noqa: E731
+    c_mask = take(out.mask_BnxL.astype(jnp.int32))
+    # Multi-turn: the environment's tokens are real (attended, positioned) but not actions, so
+    # the response mask (policy, value, KL and entropy terms) holds the generated ones only.
+    generated = c_mask if out.generated_BnxL is None else take(out.generated_BnxL.astype(jnp.int32))
+    c_tok = take(out.tokens_BnxL)  # gap tokens (mask 0) end up at the right, like padding
+    tokens = jnp.concatenate([p_tok, c_tok], axis=1)
     mask = jnp.concatenate([p_mask, c_mask], axis=1)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-    response = jnp.concatenate([jnp.zeros_like(p_mask), c_mask], axis=1)
-    old_logp = jnp.concatenate([jnp.zeros((R, P), jnp.float32), out.logprobs_BnxL], axis=1)
+    response = jnp.concatenate([jnp.zeros_like(p_mask), generated], axis=1)
+    old_logp = jnp.concatenate([jnp.zeros((R, P), jnp.float32), take(out.logprobs_BnxL)], axis=1)
     zeros = jnp.zeros(tokens.shape, jnp.float32)
     return RolloutBatch(
         tokens_BxT=tokens,

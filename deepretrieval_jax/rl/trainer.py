@@ -51,6 +51,8 @@ from flax import linen as nn
 
 from deepretrieval_jax import checkpoint, export, metrics, models, sharding
 from deepretrieval_jax import workdir as workdir_lib
+from deepretrieval_jax.agent import harness, protocol
+from deepretrieval_jax.agent.decode import decode_transcripts
 from deepretrieval_jax.config import TrainConfig, resolve_data_dir, to_dataclass, validate
 from deepretrieval_jax.data import backends, render
 from deepretrieval_jax.rewards.pool import PoolConfig, RewardPool
@@ -157,12 +159,13 @@ def _make_backend(cfg, spec):
 class _Run:
     """Everything one training run holds; `train` drives it."""
 
-    def __init__(self, cfg, workdir, train_examples, val_examples, backend):
+    def __init__(self, cfg, workdir, train_examples, val_examples, backend, agent_kw=None):
         validate(cfg, jax.process_count())
         self.cfg, self.workdir = cfg, workdir_lib.as_path(workdir)  # local or gs://
         self.tc = to_dataclass(TrainConfig, cfg.train, "train")
         self.ppo = to_dataclass(PPOConfig, cfg.ppo, "ppo")
         spec = setup.task_spec(cfg)
+        self.agent = harness.agent_config(cfg)  # multi-turn search agent, or None
         if train_examples is None:
             train_examples = setup.load_examples(cfg, spec, cfg.data.train_split)
         if val_examples is None:
@@ -175,6 +178,10 @@ class _Run:
         ]
         texts += [teacher_completion(spec, ex) for ex in [*train_examples, *val_examples]]
         self.spec, self.model_cfg, self.codec = setup.text_setup(cfg, texts=texts)
+        if self.agent is not None:  # its reward task scores whole transcripts
+            self.spec = self.spec.replace(
+                reward_task=self.agent.reward_task, reward_opts=self.agent.reward_opts
+            )
         if self.codec.vocab_map is not None and jax.process_index() == 0:  # for the export
             export.write_vocab_map(workdir, cfg.tokenizer.name, self.codec.vocab_map.ids)
         # Truncate only after the compact vocabulary saw the whole split (SFT's vocabulary).
@@ -205,9 +212,10 @@ class _Run:
 
         self.stop = tuple(cfg.sampling.stop)
         token_bytes = None
-        if self.stop and cfg.model.compact_vocab:
+        stops = self.stop or self.agent is not None  # the agent stops at </search>
+        if stops and cfg.model.compact_vocab:
             raise ValueError("config.sampling.stop cannot be used with config.model.compact_vocab")
-        if self.stop:
+        if stops:
             from deepretrieval_jax.sampling import token_bytes_from_tokenizer
 
             token_bytes = token_bytes_from_tokenizer(tok, self.model_cfg.vocab_size)
@@ -230,13 +238,19 @@ class _Run:
         if s.compute_dtype:
             sampler_model = dataclasses.replace(sampler_model, dtype=s.compute_dtype)
         fns = causal_lm_fns(sampler_model, rules=sharding.SAMPLER_RULES)
-        self.sampler = Sampler(
-            fns,
+        self.pool = self._make_pool(backend)
+        _, self.search_opts = backends.split_search_opts(spec, cfg.reward.search_opts)
+        samplers = [
             SamplingConfig(method="sample", temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                            min_p=s.min_p, n=s.n, **common),
-            **sampler_kw,
-        )  # fmt: skip
-        self.greedy = Sampler(fns, SamplingConfig(method="greedy", n=1, **common), **sampler_kw)
+            SamplingConfig(method="greedy", n=1, **common),
+        ]  # fmt: skip
+        if self.agent is None:
+            self.sampler, self.greedy = (Sampler(fns, c, **sampler_kw) for c in samplers)
+        else:  # the multi-turn agent (agent/): same configs, plus searches between turns
+            self.sampler, self.greedy = (
+                self._agent_sampler(fns, c, sampler_kw, **(agent_kw or {})) for c in samplers
+            )
         bt = self.steps.batch_shardings
         self._assemble = jax.jit(
             functools.partial(rollout.assemble_batch, n=self.n), out_shardings=bt
@@ -245,13 +259,11 @@ class _Run:
         self._correct = mismatch.make_jitted_correction(self.ppo.tis_cap, bt, self.mesh)
         self.oversample = s.dynamic_oversample if s.dynamic_sampling else 1
         self._take_rows = jax.jit(dynamic_sampling.take_rows, out_shardings=(bt, bt.tokens_BxT))
-        self.pool = self._make_pool(backend)
         self.writer = metrics.MetricsWriter(
             self.workdir, self.tc.num_steps, self.start_step,
             tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
             wandb=cfg.logging.get("wandb"),
         )  # fmt: skip
-        _, self.search_opts = backends.split_search_opts(spec, cfg.reward.search_opts)
 
     # ------------------------------------------------------------------ setup pieces
     def _init_or_restore(self):
@@ -302,6 +314,22 @@ class _Run:
         logging.info("Policy: %.2fM params", setup.param_count(state.actor_params) / 1e6)
         return state, 0
 
+    def _agent_sampler(self, fns, config, sampler_kw, documents=None, sampler_fns=None):
+        """An `agent.decode.AgentSampler`; `documents` ({id: (title, text)}) and `sampler_fns`
+        (a scripted policy) replace the corpus's texts and the model in rollouts (tests)."""
+        from deepretrieval_jax.agent.decode import AgentSampler
+
+        if documents is None:
+            documents = harness.load_documents(self.spec, resolve_data_dir(self.cfg.data.data_dir))
+        config = dataclasses.replace(config, tool_stop=(protocol.SEARCH_CLOSE,))
+        task = self.pool.tasks[self.spec.reward_task]
+        return AgentSampler(
+            sampler_fns or fns, config, self.agent, codec=self.codec,
+            search_fn=harness.pool_search_fn(self.pool, task, self.search_opts, documents),
+            prompt_suffix=self.spec.assistant_prefix, local_rows=rollout.local_rows,
+            make_global=lambda x: setup.global_batch(x, self.mesh, self.rules), **sampler_kw,
+        )  # fmt: skip
+
     def _make_pool(self, backend):
         cfg, spec = self.cfg, self.spec
         data_dir = resolve_data_dir(cfg.data.data_dir) if spec.family == "evidence" else None
@@ -339,14 +367,20 @@ class _Run:
         # places on the global mesh (a single-device jax.Array cannot go there multi-host).
         rng = np.asarray(jax.random.key_data(rng))
         params = _lm_params(policy_params(self.state))  # LoRA: base + adapters
-        out = sampler(params, enc.tokens_BxP, enc.mask_BxP, rng)
+        if self.agent is None:
+            out = sampler(params, enc.tokens_BxP, enc.mask_BxP, rng)
+        else:  # multi-turn: searches between turns; the stats go to the agent/* metrics
+            out, self._turn_stats = sampler(params, enc.tokens_BxP, enc.mask_BxP, rng)
         tokens, lengths = rollout.local_rows(out.tokens_BnxL), rollout.local_rows(out.lengths_Bn)
         reasons = rollout.local_rows(out.finish_reason_Bn)
         t_gen = time.perf_counter() - t0
         start, _ = rollout.local_row_range(out.lengths_Bn)
         n = sampler.config.n
-        completions = rollout.decode_completions(self.codec, tokens, lengths, reasons)
-        completions = rollout.finish_completions(self.spec, completions, reasons, self.stop)
+        if self.agent is None:
+            completions = rollout.decode_completions(self.codec, tokens, lengths, reasons)
+            completions = rollout.finish_completions(self.spec, completions, reasons, self.stop)
+        else:  # the whole transcript: generated and inserted text
+            completions = decode_transcripts(self.codec, out, reasons, rollout.local_rows)
         examples = [p.example for p in prompts]
         reqs = rollout.reward_requests(self.spec, examples, completions, start, n, self.search_opts)
         pending = self.pool.submit(reqs)
@@ -405,6 +439,9 @@ class _Run:
         host.update({f"pool/{k}": v for k, v in self.pool.metrics(reset=True).items()
                      if isinstance(v, (int, float))})  # fmt: skip
         host.update(dynamic)
+        if self.agent is not None:
+            prefix = self.spec.assistant_prefix
+            host.update(harness.turn_metrics(self._turn_stats, completions, prefix))
         gen_tokens = host["response/length_mean"] * self.B * self.n * self.oversample
         host.update({
             "time/generate_s": t_gen, "time/reward_wait_s": t_reward, "time/dispatch_s": t_dispatch,
@@ -513,13 +550,16 @@ def _sum_parts(parts):
     return total
 
 
-def train(cfg, workdir, *, train_examples=None, val_examples=None, backend=None) -> TrainResult:
+def train(
+    cfg, workdir, *, train_examples=None, val_examples=None, backend=None, agent_kw=None
+) -> TrainResult:
     """Runs (or resumes) PPO as configured; returns the final state and last metrics.
 
     `train_examples`/`val_examples` (lists of `data.records.Example`) and `backend` (a search
-    backend) replace the configured data and search index (tests, notebooks).
+    backend) replace the configured data and search index (tests, notebooks); `agent_kw`
+    (`documents`, `sampler_fns`) the multi-turn agent's document texts and rollout policy.
     """
-    run = _Run(cfg, workdir, train_examples, val_examples, backend)
+    run = _Run(cfg, workdir, train_examples, val_examples, backend, agent_kw)
     step, pending, last = run.start_step, None, {}
     preempted = over_budget = False
     cpu_start, budget_s = time.process_time(), run.tc.cpu_budget_minutes * 60

@@ -1,0 +1,123 @@
+"""The trainer runs the multi-turn agent end to end: a scripted rollout policy searches once,
+reads the inserted results and answers; the reward is positive and PPO updates the tiny model
+on the generated tokens only."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import tiny_models
+import trainer_fixtures as fx
+
+from configs import common
+from deepretrieval_jax.rl import trainer
+from deepretrieval_jax.sampler import ModelFns
+
+SEARCH = "<search>aspirin colorectal</search>"
+ANSWER = "<answer>aspirin colorectal cancer</answer>"
+BYTES = [9, 10, *range(32, 127)]  # tiny_models.save_tiny_tokenizer: id = 3 + index
+V = 256  # ModelConfig.tiny's vocabulary
+
+
+def ids(text):
+    return [3 + BYTES.index(b) for b in text.encode()]
+
+
+def scripted_fns() -> ModelFns:
+    """Writes SEARCH in the first turn and ANSWER after an information block, then <|im_end|>.
+    The next token is script[k][j]: k = information blocks seen ('<i' pairs in the cache), j =
+    real tokens since the last newline (the prompt and every block end with one)."""
+    scripts = [ids(SEARCH), ids(ANSWER)]
+    width = max(map(len, scripts)) + 1
+    table = np.full((2, width), 2, np.int32)  # 2 = <|im_end|> after the script
+    for k, s in enumerate(scripts):
+        table[k, : len(s)] = s
+    table = jnp.asarray(table)
+    nl, lt, i_ = ids("\n")[0], ids("<")[0], ids("i")[0]
+
+    def apply(params, tokens_BxT, positions_BxT, mask_BxT, cache):
+        del params, positions_BxT
+        index = cache["index"]
+        toks = jax.lax.dynamic_update_slice(cache["tokens"], tokens_BxT, (0, index))
+        mask = jax.lax.dynamic_update_slice(cache["mask"], mask_BxT > 0, (0, index))
+        slots = jnp.arange(toks.shape[1])[None, :]
+        last_nl = jnp.max(jnp.where((toks == nl) & mask, slots, -1), axis=1, keepdims=True)
+        j = jnp.sum(mask & (slots > last_nl), axis=1)
+        pairs = (toks[:, :-1] == lt) & (toks[:, 1:] == i_) & mask[:, :-1] & mask[:, 1:]
+        k = jnp.minimum(jnp.sum(pairs, axis=1), 1)
+        nxt = table[k, jnp.minimum(j, width - 1)]
+        logits = 30.0 * jax.nn.one_hot(nxt, V)[:, None, :]
+        return logits, {"tokens": toks, "mask": mask, "index": index + tokens_BxT.shape[1]}
+
+    def init_cache(batch, max_len):
+        return {
+            "tokens": jnp.zeros((batch, max_len), jnp.int32),
+            "mask": jnp.zeros((batch, max_len), jnp.bool_),
+            "index": jnp.zeros((), jnp.int32),
+        }
+
+    def repeat(cache, n):
+        return {**cache, "tokens": jnp.repeat(cache["tokens"], n, 0),
+                "mask": jnp.repeat(cache["mask"], n, 0)}  # fmt: skip
+
+    return ModelFns(apply, init_cache, repeat)
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    return tiny_models.save_tiny_policy(tmp_path_factory.mktemp("policy"))
+
+
+def agent_config(policy_dir, num_steps=2):
+    fx.register_task()
+    cfg = common.base_config()
+    cfg.mesh = common.mesh_config(data=-1)
+    cfg.model.preset = ""
+    cfg.model.hf_path = str(policy_dir)
+    cfg.model.overrides.dtype = "float32"
+    cfg.model.overrides.remat = False
+    cfg.data.task = fx.TASK
+    cfg.data.prompt_buckets = (96, 128)
+    cfg.data.max_prompt_len = 128
+    cfg.data.prompt.assistant_prefix = ""
+    cfg.agent = common.agent_config()
+    cfg.agent.max_turns = 2
+    cfg.agent.docs_per_search = 1
+    cfg.agent.doc_chars = 20
+    cfg.agent.info_max_tokens = 64
+    cfg.agent.max_turn_tokens = 48
+    cfg.agent.reward_opts = ml_collections.ConfigDict(dict(k=5, shown=1))
+    cfg.sampling.stop = ("</answer>",)
+    cfg.sampling.max_new_tokens = 2 * 48 + 65
+    cfg.sampling.n = 2
+    cfg.ppo.mini_batch_size = 8
+    cfg.reward.pool.cache_mode = "read_write"
+    cfg.train.prompts_per_step = 8
+    cfg.train.num_steps = num_steps
+    cfg.train.val_every = num_steps
+    cfg.train.checkpoint_every = num_steps
+    cfg.train.async_checkpoint = False
+    cfg.logging.progress = False
+    return cfg
+
+
+def test_agent_trains_end_to_end_with_searches_between_turns(policy_dir, tmp_path):
+    ex = fx.examples()
+    docs = {f"d{i}": ("", t) for i, t in enumerate(fx.DOCS)}
+    result = trainer.train(
+        agent_config(policy_dir), tmp_path / "run", train_examples=ex, val_examples=ex,
+        backend=fx.backend(), agent_kw=dict(documents=docs, sampler_fns=scripted_fns()),
+    )  # fmt: skip
+    m = result.last_metrics
+    assert result.step == 2
+    assert m["reward/format_ok"] == 1.0 and m["reward/invalid_fraction"] == 0.0
+    assert m["agent/searches_per_answer"] == 1.0 and m["agent/answered_fraction"] == 1.0
+    assert m["agent/turns_mean"] == 2.0 and 0.0 <= m["agent/idle_fraction"] < 1.0
+    # "aspirin colorectal cancer" ranks d1 (claim q1) first: 0.1 + NDCG > 0 for it at least;
+    # a claim none of whose documents is in the top 5 scores 0.
+    assert 0.1 < m["reward/mean"] < 1.1 and m["reward/bucket/agent_ndcg/ndcg>0"] > 0
+    # Only the generated tokens are actions: the inserted block is not in the response.
+    assert m["ppo/response_len_mean"] == len(SEARCH) + len(ANSWER)  # one token per character
+    assert m["agent/inserted_tokens_mean"] > 31  # the block's tags alone are 31 tokens
+    assert np.isfinite(m["ppo/grad_norm_actor"]) and m["ppo/grad_norm_actor"] > 0
