@@ -168,6 +168,9 @@ def ppo_config() -> ml_collections.ConfigDict:
             overlong_buffer_len=0,  # DAPO overlong penalty ramp length (tokens); 0 = off
             overlong_max_len=0,  # overlong penalty: full at this length; = sampling.max_new_tokens
             overlong_penalty_factor=1.0,  # overlong penalty at overlong_max_len (reward units)
+            # DAPO overlong filtering: samples cut at sampling.max_new_tokens are masked out of
+            # the loss and the group statistics (response/truncated_fraction: their share).
+            overlong_filter=False,  # True = truncated samples are neither rewarded nor punished
             # Truncated importance sampling: each token's policy-gradient term is weighted by
             # min(pi_trainer / pi_sampler, tis_cap) (ppo/mismatch_* metrics show the gap).
             tis_cap=0.0,  # TIS cap against the sampler-trainer mismatch; 0 = off (verl: 2.0)

@@ -114,6 +114,17 @@ def test_cpu_budget_stops_after_the_step_that_spends_it_and_checkpoints(tmp_path
     mgr.close()
 
 
+def test_overlong_filter_masks_exactly_the_truncated_rows_out_of_the_update(tmp_path):
+    # 4 new tokens: the tiny random policy runs out of tokens on most rows, not on all.
+    _train(tmp_path, num_steps=1, sampling__max_new_tokens=4, ppo__overlong_filter=True)
+    row = next(r for r in metrics.read_jsonl(tmp_path / metrics.JSONL_NAME) if "ppo/policy_loss" in r)
+    rows = row["pool/samples"]
+    truncated = round(row["response/truncated_fraction"] * rows)
+    assert 0 < truncated, "no truncated row: the test would not exercise the filter"
+    assert row["ppo/invalid_count"] == truncated  # the reward pool itself failed no row
+    assert row["reward/invalid_fraction"] == 0.0
+
+
 def test_non_finite_rewards_stop_the_run_naming_the_step(tmp_path, monkeypatch):
     real_result_arrays = rollout.result_arrays
 

@@ -170,6 +170,11 @@ def allgather_json(obj):
     ]
 
 
+def filter_truncated(valid: np.ndarray, reasons) -> np.ndarray:
+    """DAPO's overlong filtering: rows cut at max_new_tokens become invalid (out of the loss)."""
+    return np.asarray(valid, np.bool_) & (np.asarray(reasons) != FinishReason.MAX_TOKENS)
+
+
 def summarize_results(results, lengths, reasons, prefix: str, task: str) -> dict:
     """Host-local summary (JSON-able) for `merge_summaries`."""
     buckets = collections.Counter(r.bucket or "none" for r in results)

@@ -71,6 +71,9 @@ class PPOConfig:
     overlong_buffer_len: int = 0  # 0 = off
     overlong_max_len: int = 0  # the response length limit (sampling.max_new_tokens)
     overlong_penalty_factor: float = 1.0  # penalty at overlong_max_len (in reward units)
+    # DAPO overlong filtering: rows cut at sampling.max_new_tokens leave every loss term and
+    # statistic (like invalid rows) instead of being scored; response/truncated_fraction logs it.
+    overlong_filter: bool = False
     # Sampler-trainer mismatch: truncated importance sampling weight min(pi_trainer/pi_sampler,
     # tis_cap) on each token's policy-gradient term (the trainer applies it); 0 = off.
     tis_cap: float = 0.0

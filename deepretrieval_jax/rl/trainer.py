@@ -419,6 +419,8 @@ class _Run:
         results = pending.result()
         t_reward = time.perf_counter() - t0
         scores, valid = rollout.result_arrays(results)
+        if self.ppo.overlong_filter:  # DAPO: truncated samples leave the loss, unscored
+            valid = rollout.filter_truncated(valid, local[2])
         scores, valid = setup.global_batch((scores, valid), self.mesh, self.rules)
         batch = batch.replace(scores_B=scores, valid_B=valid)
         dynamic = {}
