@@ -299,7 +299,7 @@ def evaluate(
 def policy_generate_fn(
     model_config,
     params,
-    codec,
+    tokenizer,
     decode: DecodeSpec,
     *,
     batch_size: int = 16,
@@ -313,9 +313,8 @@ def policy_generate_fn(
     `stop`: stop strings (as in training); with `spec`, a completion that ended on one is
     closed by `data.tasks.finish_completion` (the task's `answer_suffix`).
 
-    `codec` turns text into model ids and back: a `Tokenizer`, or `rl.setup.Codec` for a
-    compact-vocabulary model (`encode`, `decode`, `eos_ids`, `pad_id`). Batches of
-    `batch_size` prompts are left-padded (the sampler rounds up to a bucket); batch i draws its
+    `tokenizer`: the policy's `Tokenizer` (text <-> model ids). Batches of `batch_size` prompts
+    are left-padded (the sampler rounds up to a bucket); batch i draws its
     key from `jax.random.fold_in(key(decode.seed), i)`, so a run is reproducible from the
     recorded seed. The end-of-sequence token that finished a row is not part of its text.
     """
@@ -327,15 +326,11 @@ def policy_generate_fn(
     from deepretrieval_jax.sampling import token_bytes_from_tokenizer
 
     greedy = decode.temperature == 0
-    eos = tuple(int(i) for i in codec.eos_ids)
+    eos = tuple(int(i) for i in tokenizer.eos_ids)
     stop = tuple(stop)
     token_bytes = None
     if stop:
-        if getattr(codec, "vocab_map", None) is not None:
-            raise ValueError("stop strings cannot be used with a compact-vocabulary model")
-        token_bytes = token_bytes_from_tokenizer(
-            getattr(codec, "tokenizer", codec), model_config.vocab_size
-        )
+        token_bytes = token_bytes_from_tokenizer(tokenizer, model_config.vocab_size)
     config = sampler_lib.SamplingConfig(
         method="greedy" if greedy else "sample",
         temperature=1.0 if greedy else decode.temperature,
@@ -343,7 +338,7 @@ def policy_generate_fn(
         top_p=decode.top_p,
         max_new_tokens=decode.max_new_tokens,
         eos_ids=eos,
-        pad_id=int(codec.pad_id),
+        pad_id=int(tokenizer.pad_id),
         stop=stop,
     )
     sampler = sampler_lib.Sampler(
@@ -353,7 +348,7 @@ def policy_generate_fn(
     key = jax.random.key(decode.seed)
 
     def left_pad(texts):
-        rows = [codec.encode(t) for t in texts]
+        rows = [tokenizer.encode(t) for t in texts]
         width = max(len(r) for r in rows)
         tokens = np.full((len(rows), width), config.pad_id, np.int32)
         mask = np.zeros((len(rows), width), np.int32)
@@ -373,7 +368,7 @@ def policy_generate_fn(
                 ids = row[:n]
                 if n and int(ids[-1]) in eos:
                     ids = ids[:-1]
-                text = codec.decode(ids)
+                text = tokenizer.decode(ids)
                 if spec is not None:
                     stopped = int(reason) == sampler_lib.FinishReason.STOP_STRING
                     text = finish_completion(spec, text, stopped, stop)
@@ -396,7 +391,8 @@ def _policy(cfg, decode: DecodeSpec):
     from deepretrieval_jax import checkpoint, models, sharding
     from deepretrieval_jax.rl import setup
 
-    _, model_cfg, codec = setup.text_setup(cfg)  # same (compact) vocabulary as training
+    model_cfg = setup.model_config(cfg)
+    tokenizer = setup.load_tokenizer(cfg, model_cfg)
     mesh, rules = sharding.make_mesh(cfg.mesh), sharding.SAMPLER_RULES
     module = models.CausalLM(model_cfg)
     if cfg.eval.checkpoint_dir:
@@ -411,11 +407,11 @@ def _policy(cfg, decode: DecodeSpec):
     else:
         params = setup.load_policy_params(cfg, module, mesh, rules, jax.random.key(cfg.seed))
     generate = policy_generate_fn(
-        model_cfg, params, codec, decode, batch_size=cfg.eval.batch_size,
+        model_cfg, params, tokenizer, decode, batch_size=cfg.eval.batch_size,
         prompt_buckets=tuple(cfg.data.prompt_buckets), mesh=mesh,
         stop=tuple(cfg.sampling.stop), spec=setup.task_spec(cfg),
     )  # fmt: skip
-    return generate, codec.tokenizer
+    return generate, tokenizer
 
 
 def run(cfg, workdir: str | os.PathLike) -> EvalReport:

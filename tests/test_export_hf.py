@@ -146,14 +146,15 @@ def test_export_refuses_before_writing_anything(tmp_path, monkeypatch, capsys, a
     assert not out.exists()
 
 
-def test_compact_vocabulary_export_needs_and_copies_the_vocab_map(tmp_path, capsys):
+def test_older_compact_vocabulary_run_export_needs_and_copies_the_vocab_map(tmp_path, capsys):
+    """Runs trained with the removed `model.compact_vocab` left WORKDIR/vocab_map.json."""
     ckpt = _tiny_run(tmp_path / "run", compact=True)
     out = tmp_path / "hf"
     with pytest.raises(SystemExit):
         run_cli(f"--checkpoint_dir={ckpt}", "--model=tiny", f"--out_dir={out}", "--eos_token_ids=7")
     assert "vocab_map.json" in capsys.readouterr().err and not out.exists()
     ids = [0, 3, 7, 151645]  # model id i is tokenizer id ids[i]
-    export.write_vocab_map(tmp_path / "run", "qwen2.5", ids)
+    (tmp_path / "run" / "vocab_map.json").write_text(json.dumps({"tokenizer": "qwen2.5", "ids": ids}))
     run_cli(
         f"--checkpoint_dir={ckpt}", "--model=tiny", f"--out_dir={out}", "--eos_token_ids=151645,7"
     )

@@ -59,13 +59,13 @@ def test_reward_path_scores_well_formed_answers(task, family_env, monkeypatch):
     keys = [key_text(spec, ex.input) for ex in test_examples]
 
     def policy(cfg_, decode):  # the policy's decoding, scripted
-        _, _, codec = setup.text_setup(cfg_)
+        tokenizer = setup.load_tokenizer(cfg_, setup.model_config(cfg_))
 
         def generate(prompts):
             found = [next(k for k in keys if k in p) for p in prompts]
             return [scripted(spec, task, doc_index(spec, k)) for k in found]
 
-        return generate, codec.tokenizer
+        return generate, tokenizer
 
     monkeypatch.setattr(eval_lib, "_policy", policy)
     report = eval_lib.run(cfg, env["root"] / "eval" / task)

@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from deepretrieval_jax import checkpoint, export, metrics, models, sharding
+from deepretrieval_jax import checkpoint, metrics, models, sharding
 from deepretrieval_jax import workdir as workdir_lib
 from deepretrieval_jax.config import SFTConfig, to_dataclass
 from deepretrieval_jax.data import render
@@ -99,12 +99,12 @@ def load_pairs(cfg, spec, tokenizer) -> list[tuple[str, str]]:  # tokenizer: ren
     ]
 
 
-def encode_pairs(pairs, codec, prompt_len: int, completion_len: int) -> dict:
-    """Numpy SFT arrays in model ids; pairs that do not fit are dropped (and logged)."""
-    end_id = codec.eos_ids[0]
+def encode_pairs(pairs, tokenizer, prompt_len: int, completion_len: int) -> dict:
+    """Numpy SFT arrays of token ids; pairs that do not fit are dropped (and logged)."""
+    end_id = tokenizer.eos_ids[0]
     rows = []
     for prompt, completion in pairs:
-        p, c = codec.encode(prompt), codec.encode(completion) + [end_id]
+        p, c = tokenizer.encode(prompt), tokenizer.encode(completion) + [end_id]
         if len(p) <= prompt_len and len(c) <= completion_len:
             rows.append((p, c))
     if not rows:
@@ -115,7 +115,7 @@ def encode_pairs(pairs, codec, prompt_len: int, completion_len: int) -> dict:
     if len(rows) < len(pairs):
         logging.warning("SFT: dropped %d of %d over-long pairs", len(pairs) - len(rows), len(pairs))
     T = prompt_len + completion_len
-    tokens = np.full((len(rows), T), codec.pad_id, np.int32)
+    tokens = np.full((len(rows), T), tokenizer.pad_id, np.int32)
     mask = np.zeros((len(rows), T), np.int32)
     loss_mask = np.zeros((len(rows), T), np.float32)
     for i, (p, c) in enumerate(rows):
@@ -210,17 +210,16 @@ def run_sft(cfg, workdir: str) -> dict:
     if sft.batch_size % jax.process_count():
         raise ValueError(f"config.sft.batch_size ({sft.batch_size}) must divide over processes")
     workdir = workdir_lib.as_path(workdir)  # local or gs://
-    spec, model_cfg, codec = setup.text_setup(cfg)
-    if codec.vocab_map is not None and jax.process_index() == 0:  # for the export
-        export.write_vocab_map(workdir, cfg.tokenizer.name, codec.vocab_map.ids)
+    spec, model_cfg = setup.task_spec(cfg), setup.model_config(cfg)
+    tokenizer = setup.load_tokenizer(cfg, model_cfg)
     prompt_len = max(cfg.data.prompt_buckets)
     completion_len = sft.max_len - prompt_len
     if completion_len <= 0:
         raise ValueError(
             f"config.sft.max_len ({sft.max_len}) must exceed the prompt bucket {prompt_len}"
         )
-    pairs = load_pairs(cfg, spec, codec.tokenizer)
-    arrays = encode_pairs(pairs, codec, prompt_len, completion_len)
+    pairs = load_pairs(cfg, spec, tokenizer)
+    arrays = encode_pairs(pairs, tokenizer, prompt_len, completion_len)
     num_pairs = len(arrays["tokens_BxT"])
     it = setup.ShardedSampler(
         num_pairs, sft.batch_size, cfg.seed, jax.process_index(), jax.process_count()

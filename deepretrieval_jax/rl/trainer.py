@@ -49,7 +49,7 @@ import numpy as np
 from absl import logging
 from flax import linen as nn
 
-from deepretrieval_jax import checkpoint, export, metrics, models, sharding
+from deepretrieval_jax import checkpoint, metrics, models, sharding
 from deepretrieval_jax import workdir as workdir_lib
 from deepretrieval_jax.config import TrainConfig, resolve_data_dir, to_dataclass, validate
 from deepretrieval_jax.data import backends, render
@@ -164,17 +164,9 @@ class _Run:
             train_examples = setup.load_examples(cfg, spec, cfg.data.train_split)
         if val_examples is None:
             val_examples = setup.load_examples(cfg, spec, cfg.data.val_split)
-        tok = setup.load_tokenizer(cfg, None)
-        from deepretrieval_jax.rl.sft import teacher_completion
-
-        texts = [
-            render.render_prompt(spec, ex.input, tok) for ex in [*train_examples, *val_examples]
-        ]
-        texts += [teacher_completion(spec, ex) for ex in [*train_examples, *val_examples]]
-        self.spec, self.model_cfg, self.codec = setup.text_setup(cfg, texts=texts)
-        if self.codec.vocab_map is not None and jax.process_index() == 0:  # for the export
-            export.write_vocab_map(workdir, cfg.tokenizer.name, self.codec.vocab_map.ids)
-        # Truncate only after the compact vocabulary saw the whole split (SFT's vocabulary).
+        self.spec, self.model_cfg = spec, setup.model_config(cfg)
+        tok = setup.load_tokenizer(cfg, self.model_cfg)
+        self.codec = tok  # text <-> model ids: the model speaks the tokenizer's ids
         if cfg.data.num_val_examples > 0:
             val_examples = list(val_examples)[: cfg.data.num_val_examples]
         self.train_prompts = _prompts(spec, train_examples, tok, cfg.data.max_prompt_len, "train")
@@ -202,8 +194,6 @@ class _Run:
 
         self.stop = tuple(cfg.sampling.stop)
         token_bytes = None
-        if self.stop and cfg.model.compact_vocab:
-            raise ValueError("config.sampling.stop cannot be used with config.model.compact_vocab")
         if self.stop:
             from deepretrieval_jax.sampling import token_bytes_from_tokenizer
 
