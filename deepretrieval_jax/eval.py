@@ -385,14 +385,15 @@ def policy_generate_fn(
 
 def _policy(cfg, decode: DecodeSpec):
     """(generate_fn, tokenizer) for the policy in config.eval.checkpoint_dir (a training run's
-    CheckpointManager dir) or else model.hf_path / model.init_checkpoint (`rl.setup`)."""
+    CheckpointManager dir) or else model.hf_path / model.init_checkpoint (`rl.policy_init`)."""
     import jax
 
     from deepretrieval_jax import checkpoint, models, sharding
-    from deepretrieval_jax.rl import setup
+    from deepretrieval_jax.data import task_data
+    from deepretrieval_jax.rl import policy_init, run_tokenizer
 
-    model_cfg = setup.model_config(cfg)
-    tokenizer = setup.load_tokenizer(cfg, model_cfg)
+    model_cfg = policy_init.model_config(cfg)
+    tokenizer = run_tokenizer.load_tokenizer(cfg, model_cfg)
     mesh, rules = sharding.make_mesh(cfg.mesh), sharding.SAMPLER_RULES
     module = models.CausalLM(model_cfg)
     if cfg.eval.checkpoint_dir:
@@ -405,11 +406,11 @@ def _policy(cfg, decode: DecodeSpec):
             rules=rules,
         )
     else:
-        params = setup.load_policy_params(cfg, module, mesh, rules, jax.random.key(cfg.seed))
+        params = policy_init.load_policy_params(cfg, module, mesh, rules, jax.random.key(cfg.seed))
     generate = policy_generate_fn(
         model_cfg, params, tokenizer, decode, batch_size=cfg.eval.batch_size,
         prompt_buckets=tuple(cfg.data.prompt_buckets), mesh=mesh,
-        stop=tuple(cfg.sampling.stop), spec=setup.task_spec(cfg),
+        stop=tuple(cfg.sampling.stop), spec=task_data.task_spec(cfg),
     )  # fmt: skip
     return generate, tokenizer
 
@@ -421,13 +422,12 @@ def run(cfg, workdir: str | os.PathLike) -> EvalReport:
 
     from deepretrieval_jax import eval_report
     from deepretrieval_jax.config import resolve_data_dir
-    from deepretrieval_jax.data import backends
-    from deepretrieval_jax.rl import setup
+    from deepretrieval_jax.data import backends, task_data
 
     e = cfg.eval
-    spec = setup.task_spec(cfg)
+    spec = task_data.task_spec(cfg)
     data_dir = resolve_data_dir(cfg.data.data_dir)
-    examples = list(setup.load_examples(cfg, spec, e.split))
+    examples = list(task_data.load_examples(cfg, spec, e.split))
     if e.num_examples > 0:
         examples = examples[: e.num_examples]
     index_overrides, search_opts = backends.split_search_opts(spec, cfg.reward.search_opts)

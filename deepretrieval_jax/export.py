@@ -60,7 +60,7 @@ def run_config(checkpoint_dir: str | os.PathLike):
 def model_config_of_run(checkpoint_dir: str | os.PathLike):
     """The model of a run, from its config.json: the preset with its overrides and, for an
     older compact-vocabulary run, the size its vocab_map.json gives (as its trainer did)."""
-    from deepretrieval_jax.rl import setup
+    from deepretrieval_jax.rl import policy_init
 
     cfg = run_config(checkpoint_dir)
     if cfg is None:
@@ -68,7 +68,7 @@ def model_config_of_run(checkpoint_dir: str | os.PathLike):
             f"{run_dir(checkpoint_dir) / RUN_CONFIG_FILE}: no run config; give --model or "
             "--config_json"
         )
-    model_cfg = setup.model_config(cfg)
+    model_cfg = policy_init.model_config(cfg)
     if cfg.model.get("compact_vocab", False):
         vm_path = run_dir(checkpoint_dir) / VOCAB_MAP_FILE
         if not vm_path.exists():

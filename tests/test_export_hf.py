@@ -154,7 +154,9 @@ def test_older_compact_vocabulary_run_export_needs_and_copies_the_vocab_map(tmp_
         run_cli(f"--checkpoint_dir={ckpt}", "--model=tiny", f"--out_dir={out}", "--eos_token_ids=7")
     assert "vocab_map.json" in capsys.readouterr().err and not out.exists()
     ids = [0, 3, 7, 151645]  # model id i is tokenizer id ids[i]
-    (tmp_path / "run" / "vocab_map.json").write_text(json.dumps({"tokenizer": "qwen2.5", "ids": ids}))
+    (tmp_path / "run" / "vocab_map.json").write_text(
+        json.dumps({"tokenizer": "qwen2.5", "ids": ids})
+    )
     run_cli(
         f"--checkpoint_dir={ckpt}", "--model=tiny", f"--out_dir={out}", "--eos_token_ids=151645,7"
     )

@@ -24,7 +24,10 @@ TOKENIZER_VERSION = 1  # bump when tiny_models.save_tiny_tokenizer changes
 
 def tokenizer_dir() -> str:
     """The tiny tokenizer's directory, written once per user into the temp directory."""
-    path = Path(tempfile.gettempdir()) / f"deepretrieval_tiny_tokenizer_{os.getuid()}_v{TOKENIZER_VERSION}"
+    path = (
+        Path(tempfile.gettempdir())
+        / f"deepretrieval_tiny_tokenizer_{os.getuid()}_v{TOKENIZER_VERSION}"
+    )
     if not (path / "tokenizer.json").is_file():
         here = str(Path(__file__).resolve().parent)  # launch/*.py --config=tests/... too
         if here not in sys.path:

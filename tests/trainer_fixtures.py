@@ -64,8 +64,9 @@ def backend():
 def tiny_config(num_steps: int = 3):
     """tests/tiny_config.py shrunk: 1 layer, 8 prompts/step, 6 new tokens, 96-token prompts
     (the tiny tokenizer's ids are characters)."""
-    from configs import common
     import tiny_config
+
+    from configs import common
 
     register_task()
     cfg = tiny_config.get_config()

@@ -27,7 +27,7 @@ background thread, so nothing here blocks the overlap of steps 3 and the reward 
   time/step_s            wall time from this step's start to the next one's.
 
 Determinism and resume: the sampling key of step s is fold_in(key(seed), s); the data order is
-`setup.ShardedSampler` (state in the checkpoint metadata); mini-batch shuffling uses the
+`data_order.ShardedSampler` (state in the checkpoint metadata); mini-batch shuffling uses the
 TrainState's rng; local BM25 (or the reward cache in replay mode) is deterministic. So a run
 killed and resumed from its last checkpoint reproduces the uninterrupted run bit for bit on CPU.
 Checkpoints: every `train.checkpoint_every` steps, at the end, and on SIGTERM (preemption: the
@@ -52,10 +52,17 @@ from flax import linen as nn
 from deepretrieval_jax import checkpoint, metrics, models, sharding
 from deepretrieval_jax import workdir as workdir_lib
 from deepretrieval_jax.config import TrainConfig, resolve_data_dir, to_dataclass, validate
-from deepretrieval_jax.data import backends, render
+from deepretrieval_jax.data import backends, render, task_data
 from deepretrieval_jax.rewards.pool import PoolConfig, RewardPool
 from deepretrieval_jax.rewards.tasks import make_task
-from deepretrieval_jax.rl import dynamic_sampling, mismatch, rollout, setup
+from deepretrieval_jax.rl import (
+    data_order,
+    dynamic_sampling,
+    mismatch,
+    policy_init,
+    rollout,
+    run_tokenizer,
+)
 from deepretrieval_jax.rl.phases import PhaseTimer
 from deepretrieval_jax.rl.state import (
     PPOConfig,
@@ -127,7 +134,7 @@ def _lm_params(actor_params):
 
 def _critic_params(cfg, actor_params, critic_model, mesh, rules, rng):
     """Critic = the actor's trunk + a fresh value head (config.model.critic_from_actor)."""
-    params = setup.init_params(critic_model, mesh, rules, rng)
+    params = policy_init.init_params(critic_model, mesh, rules, rng)
     if cfg.model.critic_from_actor and "transformer" in actor_params:
         params = {**params, "transformer": jax.tree.map(jnp.copy, actor_params["transformer"])}
     return params
@@ -159,13 +166,13 @@ class _Run:
         self.cfg, self.workdir = cfg, workdir_lib.as_path(workdir)  # local or gs://
         self.tc = to_dataclass(TrainConfig, cfg.train, "train")
         self.ppo = to_dataclass(PPOConfig, cfg.ppo, "ppo")
-        spec = setup.task_spec(cfg)
+        spec = task_data.task_spec(cfg)
         if train_examples is None:
-            train_examples = setup.load_examples(cfg, spec, cfg.data.train_split)
+            train_examples = task_data.load_examples(cfg, spec, cfg.data.train_split)
         if val_examples is None:
-            val_examples = setup.load_examples(cfg, spec, cfg.data.val_split)
-        self.spec, self.model_cfg = spec, setup.model_config(cfg)
-        tok = setup.load_tokenizer(cfg, self.model_cfg)
+            val_examples = task_data.load_examples(cfg, spec, cfg.data.val_split)
+        self.spec, self.model_cfg = spec, policy_init.model_config(cfg)
+        tok = run_tokenizer.load_tokenizer(cfg, self.model_cfg)
         self.codec = tok  # text <-> model ids: the model speaks the tokenizer's ids
         if cfg.data.num_val_examples > 0:
             val_examples = list(val_examples)[: cfg.data.num_val_examples]
@@ -185,9 +192,11 @@ class _Run:
         self.lm = models.CausalLM(self.model_cfg)  # what samples, is loaded and exported
         self.critic = models.ValueModel(self.model_cfg) if self.ppo.separate_critic else None
         self.steps = make_jitted(self.ppo, self.actor, self.critic, self.mesh, self.rules)
-        self.data = setup.ShardedSampler(len(self.train_prompts), self.B, cfg.data.shuffle_seed)
+        self.data = data_order.ShardedSampler(
+            len(self.train_prompts), self.B, cfg.data.shuffle_seed
+        )
         self.ckpt = checkpoint.CheckpointManager(
-            self.workdir / setup.CHECKPOINT_DIR, self.tc.max_to_keep, self.tc.async_checkpoint
+            self.workdir / checkpoint.CHECKPOINT_DIR, self.tc.max_to_keep, self.tc.async_checkpoint
         )
         self.state, self.start_step = self._init_or_restore()
         self.timer = PhaseTimer()
@@ -267,17 +276,19 @@ class _Run:
                 target = target.replace(ref_params=None)
             latest, state, meta = self.ckpt.restore_latest(target)  # falls back past a corrupt step
             if self.model_cfg.lora_rank:
-                base = setup.load_policy_params(cfg, self.lm, self.mesh, self.rules, k_actor)
+                base = policy_init.load_policy_params(cfg, self.lm, self.mesh, self.rules, k_actor)
                 state = state.replace(ref_params=base)
             self.data.set_state(meta["data"])
             logging.info("Resumed from %s step %d", self.ckpt.directory, latest)
             return state, latest
         actor_params = critic_params = None  # random init: one jitted init of everything
         if not (cfg.model.init_checkpoint or cfg.model.hf_path):
-            setup.warn_random_init(self.model_cfg)
+            policy_init.warn_random_init(self.model_cfg)
         if cfg.model.init_checkpoint or cfg.model.hf_path or self.model_cfg.lora_rank:
             # LM weights only; a shared critic's value head starts fresh in init_train_state.
-            actor_params = setup.load_policy_params(cfg, self.lm, self.mesh, self.rules, k_actor)
+            actor_params = policy_init.load_policy_params(
+                cfg, self.lm, self.mesh, self.rules, k_actor
+            )
             if self.ppo.separate_critic:
                 critic_params = _critic_params(
                     cfg, actor_params, self.critic, self.mesh, self.rules, k_critic
@@ -286,7 +297,7 @@ class _Run:
             self.ppo, self.actor, self.critic, k_state, self.mesh, self.rules,
             actor_params=actor_params, critic_params=critic_params,
         )  # fmt: skip
-        logging.info("Policy: %.2fM params", setup.param_count(state.actor_params) / 1e6)
+        logging.info("Policy: %.2fM params", policy_init.param_count(state.actor_params) / 1e6)
         return state, 0
 
     def _make_pool(self, backend):
@@ -372,7 +383,7 @@ class _Run:
         results = pending.result()
         t_reward = time.perf_counter() - t0
         scores, valid = rollout.result_arrays(results)
-        scores, valid = setup.global_batch((scores, valid), self.mesh, self.rules)
+        scores, valid = sharding.global_batch((scores, valid), self.mesh, self.rules)
         batch = batch.replace(scores_B=scores, valid_B=valid)
         dynamic = {}
         if self.oversample > 1:  # keep B groups with reward variance (fixed batch shape)
