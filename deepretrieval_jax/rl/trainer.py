@@ -14,6 +14,8 @@ Critic: `ppo.critic="separate"` trains a `ValueModel` (state.critic_params); "sh
 actor a `PolicyValueModel` (LM + value head on its trunk, one optimiser): its params, and so
 checkpoints, hold an extra `value_head` subtree that sampling, eval and HF export leave out.
 
+Console: the phase times below at INFO, for step 1 and then once per tenth of the run
+(`phases.StepPhaseLog`); validation and checkpoints log a start and a done line with their time.
 Timers (seconds, per step; `rl/phases.py` times device phases by completion fences on a
 background thread, so nothing here blocks the overlap of steps 3 and the reward wait):
   time/generate_s        sampling + fetching this host's rows (synchronous);
@@ -49,7 +51,7 @@ import numpy as np
 from absl import logging
 from flax import linen as nn
 
-from deepretrieval_jax import checkpoint, metrics, models, sharding
+from deepretrieval_jax import checkpoint, metrics, models, progress, sharding
 from deepretrieval_jax import workdir as workdir_lib
 from deepretrieval_jax.config import TrainConfig, resolve_data_dir, to_dataclass, validate
 from deepretrieval_jax.data import backends, render, task_data
@@ -63,7 +65,7 @@ from deepretrieval_jax.rl import (
     rollout,
     run_tokenizer,
 )
-from deepretrieval_jax.rl.phases import PhaseTimer
+from deepretrieval_jax.rl.phases import PhaseTimer, StepPhaseLog
 from deepretrieval_jax.rl.state import (
     PPOConfig,
     create_train_state,
@@ -200,6 +202,7 @@ class _Run:
         )
         self.state, self.start_step = self._init_or_restore()
         self.timer = PhaseTimer()
+        self.phase_log = StepPhaseLog(self.tc.num_steps, self.start_step)  # INFO lines
 
         self.stop = tuple(cfg.sampling.stop)
         token_bytes = None
@@ -435,6 +438,8 @@ class _Run:
         values["time/step_s"] = (time.perf_counter() if t_end is None else t_end) - t_start
         values["throughput/tokens_per_s"] = tokens / max(values["time/step_s"], 1e-9)
         self.writer.write(step, values)
+        if jax.process_index() == 0:
+            self.phase_log.add(step, values)
         if step == 1 or (self.tc.val_every and step % self.tc.val_every == 0):
             self.writer.write_texts(step, "train/completions", samples)
         if dev.get("skipped", 0.0) > 0:
@@ -532,9 +537,11 @@ def train(cfg, workdir, *, train_examples=None, val_examples=None, backend=None)
                 if run.tc.val_every and step % run.tc.val_every == 0 and step < run.tc.num_steps:
                     last = run.log(*pending)
                     pending = None
-                    run.validate(step)
+                    with progress.phase(f"validation at step {step}"):
+                        run.validate(step)
                 if run.tc.checkpoint_every and step % run.tc.checkpoint_every == 0:
-                    run.save(step)
+                    with progress.phase(f"checkpoint at step {step}"):
+                        run.save(step)
                 if preemption.any_process():
                     preempted = True
                     break
@@ -543,10 +550,12 @@ def train(cfg, workdir, *, train_examples=None, val_examples=None, backend=None)
             if preempted:
                 run.writer.log(f"SIGTERM: checkpointing step {step} and stopping")
             elif run.tc.val_every:
-                run.validate(step)
-            run.ckpt.wait_until_finished()
-            if run.ckpt.latest_step() != step:
-                run.save(step)
+                with progress.phase(f"validation at step {step}"):
+                    run.validate(step)
+            with progress.phase(f"checkpoint at step {step}"):
+                run.ckpt.wait_until_finished()
+                if run.ckpt.latest_step() != step:
+                    run.save(step)
     finally:
         run.close()
     return TrainResult(step=step, preempted=preempted, state=run.state, last_metrics=last)
