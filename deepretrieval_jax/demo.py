@@ -15,7 +15,8 @@ command resumes (RL resumes from its last checkpoint):
     rl/          RL on the training claims: checkpoints/, metrics.jsonl, tb/, reward_curve.png
     trained/     eval/: greedy trained policy
     hf/          HF export of the trained policy (transformers loads it; its greedy generation
-                 is compared with the Flax policy's on `config.demo.hf_check_claims` claims)
+                 is compared with the Flax policy's on `config.demo.hf_check_claims` claims);
+                 its deepretrieval_protocol.json tells launch/rewrite.py how to prompt it
     learning.png per-step train reward, first/last 20% means +- SE
     per_claim.png per-claim NDCG@10, trained vs zero-shot
     summary.json, summary.md   the final table, paired bootstrap CIs, export check, timings
@@ -294,12 +295,14 @@ def export_and_check(cfg, rl_dir: Path, hf_dir: Path, trained: dict) -> dict:
     from deepretrieval_jax.data import render, task_data
     from deepretrieval_jax.data.tasks import finish_completion
     from deepretrieval_jax.rl import policy_init, run_tokenizer
+    from deepretrieval_jax.serving import protocol
 
     spec, model_cfg = task_data.task_spec(cfg), policy_init.model_config(cfg)
     tok = run_tokenizer.load_tokenizer(cfg, model_cfg)
     params = checkpoint.restore_policy_params(rl_dir, model_cfg, key="actor_params")
     gen = {"eos_token_id": [int(i) for i in tok.eos_ids], "pad_token_id": int(tok.pad_id)}
     hf_io.save_params(params, model_cfg, hf_dir, tokenizer=tok.hf, generation_config=gen)
+    protocol.write(hf_dir, cfg.to_dict())  # launch/rewrite.py and serve.py prompt as trained
 
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)

@@ -15,6 +15,10 @@ checked *before* any weights are restored or written:
   vocabulary is smaller than the tokenizer's) without a vocab map is refused. New runs speak the
   tokenizer's ids and have no vocab map.
 
+- Prompt protocol: with the run's config.json, `deepretrieval_protocol.json` (the run's task,
+  prompt pieces and stop strings) goes next to the weights, so that `launch/rewrite.py` and
+  `launch/serve.py` prompt the policy as training did (`serving/protocol.py`).
+
 Paths go through `etils.epath` (deepretrieval_jax/workdir.py), so the run directory and the
 output directory may be gs:// URLs.
 """
@@ -204,5 +208,10 @@ def export_run(
     )
     if plan.vocab_map is not None:
         (mirror.local / VOCAB_MAP_FILE).write_text(json.dumps(plan.vocab_map))
+    run = run_config(checkpoint_dir)
+    if run is not None and run.get("data", {}).get("task"):  # how serving must prompt it
+        from deepretrieval_jax.serving import protocol
+
+        protocol.write(mirror.local, run.to_dict())
     mirror.close()
     return mirror.remote

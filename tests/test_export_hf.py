@@ -171,9 +171,16 @@ def test_export_takes_model_and_tokenizer_from_the_run_config(tmp_path):
     with CheckpointManager(run / "checkpoints") as mgr:  # an SFT state: {"params", ...}
         mgr.save(4, {"params": random_params(CausalLM(config), config, seed=4), "step": 4})
     save_tiny_tokenizer(tmp_path / "tok")
-    record = {"config": {"model": {"preset": "tiny", "overrides": {"num_layers": 1},
-                                   "compact_vocab": False},
-                         "tokenizer": {"name": str(tmp_path / "tok")}}}  # fmt: skip
+    prompt = {
+        "system": "You write search queries.",
+        "assistant_prefix": '<answer>{"query": "',
+        "answer_suffix": "</answer>",
+        "instruction": None,
+    }
+    record = {"config": {"model": {"preset": "tiny", "overrides": {"num_layers": 1}},
+                         "tokenizer": {"name": str(tmp_path / "tok")},
+                         "data": {"task": "scifact_no_reason", "prompt": prompt, "corpus": ""},
+                         "sampling": {"stop": ['"}']}}}  # fmt: skip
     (run / "config.json").write_text(json.dumps(record))
     run_cli(f"--checkpoint_dir={run / 'checkpoints'}", f"--out_dir={tmp_path / 'hf'}")
     hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
@@ -181,6 +188,10 @@ def test_export_takes_model_and_tokenizer_from_the_run_config(tmp_path):
     gen = transformers.GenerationConfig.from_pretrained(str(tmp_path / "hf"))
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     assert gen.eos_token_id == tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    # How serving must prompt it: the run's task, prompt pieces (None = the task's) and stops.
+    saved = json.loads((tmp_path / "hf" / "deepretrieval_protocol.json").read_text())
+    assert saved == {"task": "scifact_no_reason", "corpus": "", "stop": ['"}'],
+                     "prompt": {k: v for k, v in prompt.items() if v is not None}}  # fmt: skip
 
 
 def test_export_lora_run_merges_adapters_and_writes_peft(tmp_path):
