@@ -42,9 +42,6 @@ def model_config(preset: str = "qwen2.5-3b") -> ml_collections.ConfigDict:
             overrides=ml_collections.ConfigDict(dict(dtype="bfloat16", remat=True)),
             hf_path="",  # HF checkpoint dir (config.json + safetensors); "" = random init
             init_checkpoint="",  # an SFT workdir's checkpoint dir; actor AND reference start here
-            # Model vocabulary = the token ids the task's texts use, remapped to 0..n-1 (CPU demo:
-            # the LM head over 151,665 ids dominates a tiny model's cost). False for real runs.
-            compact_vocab=False,  # remap the vocabulary to the task's token ids
             critic_from_actor=True,  # critic trunk starts from the actor's initial weights
             # LoRA RL: train rank-r adapters on the actor's projections; the optimiser state and
             # the trained params are the adapters only, the frozen base is also the reference

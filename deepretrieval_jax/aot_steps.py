@@ -29,7 +29,7 @@ from flax import linen as nn
 
 from deepretrieval_jax import models, sharding
 from deepretrieval_jax.config import SFTConfig, to_dataclass
-from deepretrieval_jax.rl import setup, sft
+from deepretrieval_jax.rl import policy_init, sft
 from deepretrieval_jax.rl.batch import RolloutBatch
 from deepretrieval_jax.rl.state import PPOConfig, create_train_state, policy_model
 from deepretrieval_jax.rl.update import make_jitted
@@ -242,7 +242,7 @@ def step_functions(
     """Every function of one PPO step (in call order), then the SFT step. The sampler's weights
     are in the model's compute dtype ("compute", what the trainer does) or another dtype, or
     None: the params dtype (fp32 master weights; before the trainer cast them)."""
-    model_cfg = setup.model_config(cfg)
+    model_cfg = policy_init.model_config(cfg)
     B, n = cfg.train.prompts_per_step, cfg.sampling.n
     P, L = max(cfg.data.prompt_buckets), cfg.sampling.max_new_tokens
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -260,7 +260,7 @@ def step_functions(
 def train_state_bytes_per_chip(cfg, mesh) -> int:
     """Bytes of the PPO TrainState on the most loaded chip (resident while sampling)."""
     ppo = to_dataclass(PPOConfig, cfg.ppo, "ppo")
-    model_cfg = setup.model_config(cfg)
+    model_cfg = policy_init.model_config(cfg)
     actor = policy_model(ppo, model_cfg)
     critic = models.ValueModel(model_cfg) if ppo.separate_critic else None
     actor_abs = sharding.abstract_params(actor)

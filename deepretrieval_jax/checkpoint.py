@@ -43,6 +43,7 @@ from flax import linen as nn
 from deepretrieval_jax import sharding
 from deepretrieval_jax.models import CausalLM, ModelConfig
 
+CHECKPOINT_DIR = "checkpoints"  # a run's CheckpointManager directory inside its workdir
 STATE, METADATA = "state", "metadata"
 _COMMIT_MARKER = "commit_success.txt"
 

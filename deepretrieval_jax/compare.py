@@ -10,6 +10,10 @@ Table columns per run: the swept overrides, the last step, the selection metric 
 `val/reward/mean`) at the end and at its best (and that step), every other `val/retrieval/*`
 metric at the end, the train reward (last value and mean of the last 10 steps), the KL to the
 reference at the end, and the median step time. Rows are sorted best first.
+
+Paths go through `etils.epath` (`workdir.as_path`), like the trainer's workdirs: runs and the
+output directory may be gs:// URLs (tested with an in-memory fsspec filesystem standing in for
+GCS, tests/test_workdir.py).
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ import json
 import os
 import statistics
 from collections.abc import Sequence
-from pathlib import Path
+
+from etils import epath
 
 from deepretrieval_jax import metrics
+from deepretrieval_jax.workdir import as_path
 
 DEFAULT_METRIC = "val/reward/mean"
 CURVE_KEYS = ("val/reward/mean", "reward/mean", "kl/mean")
@@ -31,10 +37,10 @@ TABLE_NAME, CSV_NAME, PLOT_NAME = "comparison.md", "comparison.csv", "comparison
 LAST_N = 10  # train reward: mean over this many last logged steps (less noisy than one step)
 
 
-def find_runs(paths: Sequence[str | os.PathLike]) -> list[Path]:
+def find_runs(paths: Sequence[str | os.PathLike]) -> list[epath.Path]:
     """Run workdirs named by `paths` (a workdir itself, or a sweep root's sub-directories)."""
-    runs: list[Path] = []
-    for path in map(Path, paths):
+    runs: list[epath.Path] = []
+    for path in map(as_path, paths):
         if (path / metrics.JSONL_NAME).is_file():
             runs.append(path)
             continue
@@ -52,7 +58,7 @@ def find_runs(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return runs
 
 
-def _point(workdir: Path) -> dict:
+def _point(workdir: epath.Path) -> dict:
     path = workdir / "sweep_point.json"  # sweep.POINT_FILE (not imported: keeps this light)
     if not path.is_file():
         return {"name": workdir.name, "swept": {}}
@@ -68,7 +74,7 @@ def summarize(
     workdir: str | os.PathLike, metric: str = DEFAULT_METRIC, higher_is_better: bool = True
 ) -> dict:
     """One table row (an ordered dict of column -> value; None where a run lacks the key)."""
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     records = metrics.read_jsonl(workdir / metrics.JSONL_NAME)
     if not records:
         raise ValueError(f"{workdir / metrics.JSONL_NAME}: no metric records")
@@ -104,7 +110,7 @@ def table(
     rows = [summarize(w, metric, higher_is_better) for w in workdirs]
     if rows and all(r[f"{metric} final"] is None for r in rows):
         known = sorted(
-            {k for w in workdirs for r in metrics.read_jsonl(Path(w) / metrics.JSONL_NAME)
+            {k for w in workdirs for r in metrics.read_jsonl(as_path(w) / metrics.JSONL_NAME)
              for k in r} - {"step", "time"}
         )  # fmt: skip
         close = difflib.get_close_matches(metric, known, n=3)
@@ -145,8 +151,8 @@ def to_csv(columns: Sequence[str], rows: Sequence[dict]) -> str:
 
 
 def plot_curves(
-    workdirs: Sequence[Path], out: str | os.PathLike, keys: Sequence[str] = CURVE_KEYS
-) -> Path | None:
+    workdirs: Sequence[epath.Path], out: str | os.PathLike, keys: Sequence[str] = CURVE_KEYS
+) -> epath.Path | None:
     """One panel per metric key with every run overlaid; None if no run has any of the keys."""
     curves = {}
     for w in workdirs:
@@ -171,9 +177,11 @@ def plot_curves(
         ax.grid(alpha=0.3)
     axes[0][0].legend(loc="best", fontsize=7)
     fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out)
+    buffer = io.BytesIO()  # matplotlib writes local files only; epath writes anywhere
+    fig.savefig(buffer, format="png")
     plt.close(fig)
+    out = as_path(out)
+    out.write_bytes(buffer.getvalue())
     return out
 
 
@@ -183,11 +191,11 @@ def compare(
     metric: str = DEFAULT_METRIC,
     higher_is_better: bool = True,
     curve_keys: Sequence[str] = CURVE_KEYS,
-) -> dict[str, Path]:
+) -> dict[str, epath.Path]:
     """Writes OUT/comparison.{md,csv,png}; returns their paths (no "png" without curves)."""
     runs = find_runs(paths)
     columns, rows = table(runs, metric, higher_is_better)
-    out_dir = Path(out_dir)
+    out_dir = as_path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {"md": out_dir / TABLE_NAME, "csv": out_dir / CSV_NAME}
     written["md"].write_text(to_markdown(columns, rows))

@@ -15,7 +15,8 @@ command resumes (RL resumes from its last checkpoint):
     rl/          RL on the training claims: checkpoints/, metrics.jsonl, tb/, reward_curve.png
     trained/     eval/: greedy trained policy
     hf/          HF export of the trained policy (transformers loads it; its greedy generation
-                 is compared with the Flax policy's on `config.demo.hf_check_claims` claims)
+                 is compared with the Flax policy's on `config.demo.hf_check_claims` claims);
+                 its deepretrieval_protocol.json tells launch/rewrite.py how to prompt it
     learning.png per-step train reward, first/last 20% means +- SE
     per_claim.png per-claim NDCG@10, trained vs zero-shot
     summary.json, summary.md   the final table, paired bootstrap CIs, export check, timings
@@ -229,9 +230,9 @@ def hyde_config(cfg):
 
 
 def _report_path(out_dir: Path, cfg, method: str) -> Path:
-    from deepretrieval_jax.rl import setup
+    from deepretrieval_jax.data import task_data
 
-    return out_dir / "eval" / f"{setup.task_spec(cfg).name}_{cfg.data.val_split}_{method}.json"
+    return out_dir / "eval" / f"{task_data.task_spec(cfg).name}_{cfg.data.val_split}_{method}.json"
 
 
 def run_eval(ecfg, out_dir: Path) -> dict:
@@ -291,20 +292,22 @@ def export_and_check(cfg, rl_dir: Path, hf_dir: Path, trained: dict) -> dict:
     import transformers
 
     from deepretrieval_jax import checkpoint, hf_io, models
-    from deepretrieval_jax.data import render
+    from deepretrieval_jax.data import render, task_data
     from deepretrieval_jax.data.tasks import finish_completion
-    from deepretrieval_jax.rl import setup
+    from deepretrieval_jax.rl import policy_init, run_tokenizer
+    from deepretrieval_jax.serving import protocol
 
-    spec, model_cfg = setup.task_spec(cfg), setup.model_config(cfg)
-    tok = setup.load_tokenizer(cfg, model_cfg)
+    spec, model_cfg = task_data.task_spec(cfg), policy_init.model_config(cfg)
+    tok = run_tokenizer.load_tokenizer(cfg, model_cfg)
     params = checkpoint.restore_policy_params(rl_dir, model_cfg, key="actor_params")
     gen = {"eos_token_id": [int(i) for i in tok.eos_ids], "pad_token_id": int(tok.pad_id)}
     hf_io.save_params(params, model_cfg, hf_dir, tokenizer=tok.hf, generation_config=gen)
+    protocol.write(hf_dir, cfg.to_dict())  # launch/rewrite.py and serve.py prompt as trained
 
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
     by_id = {r["id"]: r for r in trained["records"] if r["completion"] is not None}
-    examples = [e for e in setup.load_examples(cfg, spec, cfg.data.val_split) if e.id in by_id]
+    examples = [e for e in task_data.load_examples(cfg, spec, cfg.data.val_split) if e.id in by_id]
     examples = examples[: cfg.demo.hf_check_claims]
     stop = tuple(cfg.sampling.stop)
     same, diff_max, rows = 0, 0.0, []

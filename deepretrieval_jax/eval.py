@@ -299,7 +299,7 @@ def evaluate(
 def policy_generate_fn(
     model_config,
     params,
-    codec,
+    tokenizer,
     decode: DecodeSpec,
     *,
     batch_size: int = 16,
@@ -313,9 +313,8 @@ def policy_generate_fn(
     `stop`: stop strings (as in training); with `spec`, a completion that ended on one is
     closed by `data.tasks.finish_completion` (the task's `answer_suffix`).
 
-    `codec` turns text into model ids and back: a `Tokenizer`, or `rl.setup.Codec` for a
-    compact-vocabulary model (`encode`, `decode`, `eos_ids`, `pad_id`). Batches of
-    `batch_size` prompts are left-padded (the sampler rounds up to a bucket); batch i draws its
+    `tokenizer`: the policy's `Tokenizer` (text <-> model ids). Batches of `batch_size` prompts
+    are left-padded (the sampler rounds up to a bucket); batch i draws its
     key from `jax.random.fold_in(key(decode.seed), i)`, so a run is reproducible from the
     recorded seed. The end-of-sequence token that finished a row is not part of its text.
     """
@@ -327,15 +326,11 @@ def policy_generate_fn(
     from deepretrieval_jax.sampling import token_bytes_from_tokenizer
 
     greedy = decode.temperature == 0
-    eos = tuple(int(i) for i in codec.eos_ids)
+    eos = tuple(int(i) for i in tokenizer.eos_ids)
     stop = tuple(stop)
     token_bytes = None
     if stop:
-        if getattr(codec, "vocab_map", None) is not None:
-            raise ValueError("stop strings cannot be used with a compact-vocabulary model")
-        token_bytes = token_bytes_from_tokenizer(
-            getattr(codec, "tokenizer", codec), model_config.vocab_size
-        )
+        token_bytes = token_bytes_from_tokenizer(tokenizer, model_config.vocab_size)
     config = sampler_lib.SamplingConfig(
         method="greedy" if greedy else "sample",
         temperature=1.0 if greedy else decode.temperature,
@@ -343,7 +338,7 @@ def policy_generate_fn(
         top_p=decode.top_p,
         max_new_tokens=decode.max_new_tokens,
         eos_ids=eos,
-        pad_id=int(codec.pad_id),
+        pad_id=int(tokenizer.pad_id),
         stop=stop,
     )
     sampler = sampler_lib.Sampler(
@@ -353,7 +348,7 @@ def policy_generate_fn(
     key = jax.random.key(decode.seed)
 
     def left_pad(texts):
-        rows = [codec.encode(t) for t in texts]
+        rows = [tokenizer.encode(t) for t in texts]
         width = max(len(r) for r in rows)
         tokens = np.full((len(rows), width), config.pad_id, np.int32)
         mask = np.zeros((len(rows), width), np.int32)
@@ -373,7 +368,7 @@ def policy_generate_fn(
                 ids = row[:n]
                 if n and int(ids[-1]) in eos:
                     ids = ids[:-1]
-                text = codec.decode(ids)
+                text = tokenizer.decode(ids)
                 if spec is not None:
                     stopped = int(reason) == sampler_lib.FinishReason.STOP_STRING
                     text = finish_completion(spec, text, stopped, stop)
@@ -390,13 +385,15 @@ def policy_generate_fn(
 
 def _policy(cfg, decode: DecodeSpec):
     """(generate_fn, tokenizer) for the policy in config.eval.checkpoint_dir (a training run's
-    CheckpointManager dir) or else model.hf_path / model.init_checkpoint (`rl.setup`)."""
+    CheckpointManager dir) or else model.hf_path / model.init_checkpoint (`rl.policy_init`)."""
     import jax
 
     from deepretrieval_jax import checkpoint, models, sharding
-    from deepretrieval_jax.rl import setup
+    from deepretrieval_jax.data import task_data
+    from deepretrieval_jax.rl import policy_init, run_tokenizer
 
-    _, model_cfg, codec = setup.text_setup(cfg)  # same (compact) vocabulary as training
+    model_cfg = policy_init.model_config(cfg)
+    tokenizer = run_tokenizer.load_tokenizer(cfg, model_cfg)
     mesh, rules = sharding.make_mesh(cfg.mesh), sharding.SAMPLER_RULES
     module = models.CausalLM(model_cfg)
     if cfg.eval.checkpoint_dir:
@@ -409,13 +406,13 @@ def _policy(cfg, decode: DecodeSpec):
             rules=rules,
         )
     else:
-        params = setup.load_policy_params(cfg, module, mesh, rules, jax.random.key(cfg.seed))
+        params = policy_init.load_policy_params(cfg, module, mesh, rules, jax.random.key(cfg.seed))
     generate = policy_generate_fn(
-        model_cfg, params, codec, decode, batch_size=cfg.eval.batch_size,
+        model_cfg, params, tokenizer, decode, batch_size=cfg.eval.batch_size,
         prompt_buckets=tuple(cfg.data.prompt_buckets), mesh=mesh,
-        stop=tuple(cfg.sampling.stop), spec=setup.task_spec(cfg),
+        stop=tuple(cfg.sampling.stop), spec=task_data.task_spec(cfg),
     )  # fmt: skip
-    return generate, codec.tokenizer
+    return generate, tokenizer
 
 
 def run(cfg, workdir: str | os.PathLike) -> EvalReport:
@@ -425,13 +422,12 @@ def run(cfg, workdir: str | os.PathLike) -> EvalReport:
 
     from deepretrieval_jax import eval_report
     from deepretrieval_jax.config import resolve_data_dir
-    from deepretrieval_jax.data import backends
-    from deepretrieval_jax.rl import setup
+    from deepretrieval_jax.data import backends, task_data
 
     e = cfg.eval
-    spec = setup.task_spec(cfg)
+    spec = task_data.task_spec(cfg)
     data_dir = resolve_data_dir(cfg.data.data_dir)
-    examples = list(setup.load_examples(cfg, spec, e.split))
+    examples = list(task_data.load_examples(cfg, spec, e.split))
     if e.num_examples > 0:
         examples = examples[: e.num_examples]
     index_overrides, search_opts = backends.split_search_opts(spec, cfg.reward.search_opts)

@@ -8,10 +8,16 @@ checked *before* any weights are restored or written:
   `<|im_end|>` then `<|endoftext|>`) and `pad_token_id`, so `transformers.generate` stops where
   training's sampler stopped. They come from the tokenizer or from explicit `eos_ids`; with
   neither, the export is refused (an export whose generate never stops is worse than none).
-- Compact vocabulary: a run trained with `model.compact_vocab` writes `WORKDIR/vocab_map.json`
-  (`write_vocab_map`); the export copies it next to the weights and maps the end/pad ids into the
-  model's vocabulary. A compact run (its `WORKDIR/config.json` says so, or the model's vocabulary
-  is smaller than the tokenizer's) without a vocab map is refused.
+- Compact vocabulary (older runs only): runs trained with the since removed
+  `model.compact_vocab` left `WORKDIR/vocab_map.json` (model id i = tokenizer id ids[i]); the
+  export copies it next to the weights (the serving loader reads it) and maps the end/pad ids
+  into the model's vocabulary. Such a run (its `WORKDIR/config.json` says so, or the model's
+  vocabulary is smaller than the tokenizer's) without a vocab map is refused. New runs speak the
+  tokenizer's ids and have no vocab map.
+
+- Prompt protocol: with the run's config.json, `deepretrieval_protocol.json` (the run's task,
+  prompt pieces and stop strings) goes next to the weights, so that `launch/rewrite.py` and
+  `launch/serve.py` prompt the policy as training did (`serving/protocol.py`).
 
 Paths go through `etils.epath` (deepretrieval_jax/workdir.py), so the run directory and the
 output directory may be gs:// URLs.
@@ -31,13 +37,9 @@ VOCAB_MAP_FILE = "vocab_map.json"
 RUN_CONFIG_FILE = "config.json"
 
 
-def write_vocab_map(workdir: str | os.PathLike, tokenizer_name: str, ids) -> epath.Path:
-    """Writes WORKDIR/vocab_map.json: model id i is tokenizer id ids[i]."""
-    path = as_path(workdir)
-    path.mkdir(parents=True, exist_ok=True)
-    out = path / VOCAB_MAP_FILE
-    out.write_text(json.dumps({"tokenizer": tokenizer_name, "ids": [int(i) for i in ids]}))
-    return out
+def _compact_vocab_size(ids, multiple: int = 128) -> int:
+    """The model vocabulary of an older compact-vocabulary run: len(ids) rounded up."""
+    return -(-len(ids) // multiple) * multiple
 
 
 def run_dir(checkpoint_dir: str | os.PathLike) -> epath.Path:
@@ -60,9 +62,9 @@ def run_config(checkpoint_dir: str | os.PathLike):
 
 
 def model_config_of_run(checkpoint_dir: str | os.PathLike):
-    """The model of a run, from its config.json: the preset with its overrides and, for a
-    compact vocabulary, the size its vocab_map.json gives (as the trainer computed it)."""
-    from deepretrieval_jax.rl import setup
+    """The model of a run, from its config.json: the preset with its overrides and, for an
+    older compact-vocabulary run, the size its vocab_map.json gives (as its trainer did)."""
+    from deepretrieval_jax.rl import policy_init
 
     cfg = run_config(checkpoint_dir)
     if cfg is None:
@@ -70,13 +72,13 @@ def model_config_of_run(checkpoint_dir: str | os.PathLike):
             f"{run_dir(checkpoint_dir) / RUN_CONFIG_FILE}: no run config; give --model or "
             "--config_json"
         )
-    model_cfg = setup.model_config(cfg)
+    model_cfg = policy_init.model_config(cfg)
     if cfg.model.get("compact_vocab", False):
         vm_path = run_dir(checkpoint_dir) / VOCAB_MAP_FILE
         if not vm_path.exists():
             raise FileNotFoundError(f"{vm_path}: a compact-vocabulary run without its vocab map")
         ids = json.loads(vm_path.read_text())["ids"]
-        model_cfg = model_cfg.replace(vocab_size=setup.VocabMap(ids).model_vocab_size())
+        model_cfg = model_cfg.replace(vocab_size=_compact_vocab_size(ids))
     return model_cfg
 
 
@@ -100,7 +102,7 @@ class ExportPlan:
 
     tokenizer_dir: str | None  # tokenizer files copied next to the weights
     generation_config: dict  # generation_config.json
-    vocab_map: dict | None  # vocab_map.json of a compact-vocabulary run
+    vocab_map: dict | None  # vocab_map.json of an older compact-vocabulary run
 
 
 def _load_tokenizer(tokenizer_dir: str):
@@ -156,7 +158,7 @@ def plan_export(
     if compact and vocab_map is None:
         raise ValueError(
             f"{checkpoint_dir}: a compact-vocabulary model (vocab {model_vocab_size}) but no "
-            f"{VOCAB_MAP_FILE} in {workdir}; give --vocab_map (the run writes it to its workdir)"
+            f"{VOCAB_MAP_FILE} in {workdir}; give --vocab_map (such runs wrote it to their workdir)"
         )
     if eos_ids is None and tok is None:
         raise ValueError(
@@ -206,5 +208,10 @@ def export_run(
     )
     if plan.vocab_map is not None:
         (mirror.local / VOCAB_MAP_FILE).write_text(json.dumps(plan.vocab_map))
+    run = run_config(checkpoint_dir)
+    if run is not None and run.get("data", {}).get("task"):  # how serving must prompt it
+        from deepretrieval_jax.serving import protocol
+
+        protocol.write(mirror.local, run.to_dict())
     mirror.close()
     return mirror.remote

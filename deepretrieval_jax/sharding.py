@@ -194,3 +194,13 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
     return NamedSharding(
         mesh, nn.logical_to_mesh_axes(("act_batch",) + (None,) * (ndim - 1), rules)
     )
+
+
+def global_batch(local_arrays, mesh, rules):
+    """Host-local [B_local, ...] numpy arrays -> global jax.Arrays sharded over the batch axes."""
+
+    def one(x):
+        sh = batch_sharding(mesh, rules, ndim=x.ndim)
+        return jax.make_array_from_process_local_data(sh, x)
+
+    return jax.tree.map(one, local_arrays)

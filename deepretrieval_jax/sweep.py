@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CHECKPOINT_DIR = "checkpoints"  # rl.setup.CHECKPOINT_DIR (not imported: it pulls in JAX)
+CHECKPOINT_DIR = "checkpoints"  # checkpoint.CHECKPOINT_DIR (not imported: it pulls in JAX)
 COMMIT_MARKER = "commit_success.txt"  # orbax's marker of a finalised step
 
 

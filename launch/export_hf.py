@@ -10,7 +10,7 @@ without --tokenizer_dir/--eos_token_ids the end ids come from the run's tokenize
 Reads only the `--params_key` subtree of the saved train state (default: a PPO state's
 actor_params, else an SFT state's params; a saved plain params tree is used as is), resharded over all local devices (FSDP), then writes config.json,
 generation_config.json (with the end ids), safetensors and the tokenizer files (or the
-run's vocab_map.json for a compact-vocabulary model). Tokenizer, end ids and vocabulary are
+vocab_map.json of an older compact-vocabulary run). Tokenizer, end ids and vocabulary are
 checked before any weights are read (deepretrieval_jax/export.py).
 
 A LoRA run (config.model.lora.rank > 0) saved adapters only: give its rank/alpha/targets and its

@@ -1,11 +1,12 @@
 """Serve a trained policy over HTTP: /v1/rewrite and an OpenAI-compatible subset.
 
-    python launch/serve.py --policy=/tmp/demo/hf --tasks=scifact,pubmed --data_dir=/data \
-        [--port=8000] [--max_batch=8] [--max_wait_ms=10] [--max_queue=256]
-    curl -s localhost:8000/v1/rewrite -d '{"task": "scifact", "input": "Vitamin D ..."}'
+    python launch/serve.py --policy=workdirs/demo/hf --data_dir=$DEEPRETRIEVAL_DATA_DIR \
+        [--tasks=scifact_no_reason,pubmed] [--port=8000] [--max_batch=8] [--max_wait_ms=10]
+    curl -s localhost:8000/v1/rewrite -d '{"task": "scifact_no_reason", "input": "..."}'
 
---policy is an HF directory or an orbax checkpoint (then --model or --config_json). Binds to
-127.0.0.1 unless --host says otherwise. API and limits: docs/serving.md.
+--policy is an HF directory or an orbax checkpoint (then --model or --config_json). The task the
+policy was trained on is prompted as in training (serving/protocol.py); --tasks defaults to it.
+Binds to 127.0.0.1 unless --host says otherwise. API and limits: docs/serving.md.
 """
 
 import os
@@ -20,7 +21,7 @@ from deepretrieval_jax.serving import flags as policy_flags  # noqa: E402
 F = flags.FLAGS
 policy_flags.define_policy_flags()
 flags.DEFINE_string("name", None, "Model name in the API (default: the policy dir's name).")
-flags.DEFINE_list("tasks", [], "Tasks served by /v1/rewrite, e.g. scifact,pubmed.")
+flags.DEFINE_list("tasks", [], "Tasks served by /v1/rewrite (default: the policy's own).")
 flags.DEFINE_string("data_dir", None, "Local corpora for BM25/SQL tasks (<data_dir>/<corpus>).")
 flags.DEFINE_bool("search", True, "Run rewritten queries against the tasks' backends.")
 flags.DEFINE_string("host", "127.0.0.1", "Bind address (0.0.0.0 exposes the service).")
@@ -38,22 +39,28 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     from aiohttp import web
 
-    from deepretrieval_jax import runtime
+    from deepretrieval_jax import progress, runtime
     from deepretrieval_jax.serving import policy as policy_lib
-    from deepretrieval_jax.serving import rewrite, server
+    from deepretrieval_jax.serving import protocol, rewrite, server
     from deepretrieval_jax.serving.scheduler import SchedulerConfig
 
+    progress.quiet_library_logs(not F["verbosity"].present)
     runtime.log_devices()
-    policy = policy_flags.load_policy_from_flags(
-        max_batch=F.max_batch, seed=F.seed, **({"name": F.name} if F.name else {})
-    )
-    greedy = policy_lib.GenSettings()
-    rewrite_settings = policy_lib.GenSettings(stop=rewrite.STOP_AFTER_ANSWER)
-    policy.warmup([greedy, rewrite_settings], [int(n) for n in F.warmup])
     sched = SchedulerConfig(F.max_batch, F.max_wait_ms, F.max_queue, F.timeout_s)
     config = server.ServerConfig(max_input_tokens=F.max_input_tokens, scheduler=sched)
-    service = server.build_service(policy, F.tasks, config, F.data_dir, F.search)
-    logging.info("Serving %s (tasks %s) on http://%s:%d", policy.name, F.tasks, F.host, F.port)
+    with runtime.user_errors():
+        policy = policy_flags.load_policy_from_flags(
+            max_batch=F.max_batch, seed=F.seed, **({"name": F.name} if F.name else {})
+        )
+        found = protocol.find(F.policy)
+        service = server.build_service(policy, F.tasks, config, F.data_dir, F.search, found)
+    settings = [policy_lib.GenSettings()]  # greedy, then each task's rewrite settings
+    settings += [
+        policy_lib.GenSettings(stop=rewrite.stop_strings(s)) for s in service.stops.values()
+    ]
+    policy.warmup(list(dict.fromkeys(settings)), [int(n) for n in F.warmup])
+    tasks = sorted(service.tasks)
+    logging.info("Serving %s (tasks %s) on http://%s:%d", policy.name, tasks, F.host, F.port)
     web.run_app(server.make_app(service), host=F.host, port=F.port, print=None)
 
 

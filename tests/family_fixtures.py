@@ -190,7 +190,6 @@ def family_config(task, env):
     cfg.model.overrides = ml_collections.ConfigDict(dict(
         embed_dim=32, mlp_dim=64, num_layers=1, max_position_embeddings=2048, dtype="float32",
         remat=False))  # fmt: skip
-    cfg.model.compact_vocab = False
     cfg.tokenizer.name = str(env["root"] / "tok")
     cfg.mesh = common.mesh_config(data=-1)
     cfg.data.max_prompt_len = PROMPT_LEN

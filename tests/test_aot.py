@@ -17,7 +17,6 @@ HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 def tiny_config(**mesh):
     """The tests' tiny config at test shapes: 1 layer, 8 prompts x 2 samples, 32 + 8 tokens."""
     cfg = tiny.get_config()
-    cfg.model.compact_vocab = False  # no data here: the tiny preset's 256-id vocabulary
     cfg.model.overrides.num_layers = 1
     cfg.model.overrides.max_position_embeddings = 64
     cfg.data.prompt_buckets = (32,)

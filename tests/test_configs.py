@@ -34,10 +34,12 @@ def test_config_loads_and_validates(path):
     cfg = _parse(f"--config={path}")
     config_lib.validate(cfg)
     assert cfg.data.task in tasks.list_tasks()
-    from deepretrieval_jax.rl import setup
+    from deepretrieval_jax.rl import policy_init
 
     if cfg.model.preset or cfg.model.hf_path:  # the demo's model is imported at run time
-        model_cfg = setup.model_config(cfg)  # the preset and its overrides build a ModelConfig
+        model_cfg = policy_init.model_config(
+            cfg
+        )  # the preset and its overrides build a ModelConfig
         assert model_cfg.num_layers > 0
     text = path.read_text()
     assert "python launch/" in text and "Expected" in text, (

@@ -141,12 +141,11 @@ def test_unsafe_zip_member_is_refused(tmp_path):
 @pytest.mark.parametrize("task, beir_name", [("nfcorpus", "nfcorpus"), ("msmarco_beir", "msmarco")])
 def test_beir_tasks_download_their_data_when_absent(server, tmp_path, monkeypatch, task, beir_name):
     """docs/tasks.md: a listed BEIR set missing from the data root is downloaded on first use,
-    for the examples (rl.setup.load_examples) and the backend's corpus alike."""
+    for the examples (rl.task_data.load_examples) and the backend's corpus alike."""
     import asyncio
 
     from configs import scifact
-    from deepretrieval_jax.data import backends
-    from deepretrieval_jax.rl import setup
+    from deepretrieval_jax.data import backends, task_data
 
     root, url = server
     (root / f"{beir_name}.zip").write_bytes(beir_zip(beir_name))
@@ -158,8 +157,8 @@ def test_beir_tasks_download_their_data_when_absent(server, tmp_path, monkeypatc
     data.mkdir()  # an empty data root
     cfg = scifact.get_config()
     cfg.data.task, cfg.data.data_dir = task, str(data)
-    spec = setup.task_spec(cfg)
-    (example,) = setup.load_examples(cfg, spec, "test")
+    spec = task_data.task_spec(cfg)
+    (example,) = task_data.load_examples(cfg, spec, "test")
     backend = backends.task_backend(spec, data)
 
     async def search():

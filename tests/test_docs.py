@@ -32,8 +32,28 @@ def _tiny_policy(path):
     return save_tiny_policy(path)
 
 
+def _tiny_data(path):
+    from tiny_models import write_tiny_scifact
+
+    return write_tiny_scifact(path)
+
+
+def _tiny_demo_workdir(path):
+    """The main job's workdir as serving reads it: config.json (configs/demo.py's resolved
+    config, with its prompt protocol) and hf/ (here a tiny random policy)."""
+    from tiny_models import save_tiny_policy
+
+    from configs import demo
+    from deepretrieval_jax import runtime
+
+    runtime.write_run_config(demo.get_config(), str(path), "deepretrieval_jax.demo:run")
+    save_tiny_policy(path / "hf")
+    return path
+
+
 # Stand-ins for the big paths of the docs, for `run sub=PATH=>NAME` snippets.
-FIXTURES = {"tiny_corpus": _tiny_corpus, "tiny_policy": _tiny_policy}
+FIXTURES = {"tiny_corpus": _tiny_corpus, "tiny_data": _tiny_data, "tiny_policy": _tiny_policy,
+            "tiny_demo_workdir": _tiny_demo_workdir}  # fmt: skip
 
 
 def _env():

@@ -146,14 +146,17 @@ def test_export_refuses_before_writing_anything(tmp_path, monkeypatch, capsys, a
     assert not out.exists()
 
 
-def test_compact_vocabulary_export_needs_and_copies_the_vocab_map(tmp_path, capsys):
+def test_older_compact_vocabulary_run_export_needs_and_copies_the_vocab_map(tmp_path, capsys):
+    """Runs trained with the removed `model.compact_vocab` left WORKDIR/vocab_map.json."""
     ckpt = _tiny_run(tmp_path / "run", compact=True)
     out = tmp_path / "hf"
     with pytest.raises(SystemExit):
         run_cli(f"--checkpoint_dir={ckpt}", "--model=tiny", f"--out_dir={out}", "--eos_token_ids=7")
     assert "vocab_map.json" in capsys.readouterr().err and not out.exists()
     ids = [0, 3, 7, 151645]  # model id i is tokenizer id ids[i]
-    export.write_vocab_map(tmp_path / "run", "qwen2.5", ids)
+    (tmp_path / "run" / "vocab_map.json").write_text(
+        json.dumps({"tokenizer": "qwen2.5", "ids": ids})
+    )
     run_cli(
         f"--checkpoint_dir={ckpt}", "--model=tiny", f"--out_dir={out}", "--eos_token_ids=151645,7"
     )
@@ -168,9 +171,16 @@ def test_export_takes_model_and_tokenizer_from_the_run_config(tmp_path):
     with CheckpointManager(run / "checkpoints") as mgr:  # an SFT state: {"params", ...}
         mgr.save(4, {"params": random_params(CausalLM(config), config, seed=4), "step": 4})
     save_tiny_tokenizer(tmp_path / "tok")
-    record = {"config": {"model": {"preset": "tiny", "overrides": {"num_layers": 1},
-                                   "compact_vocab": False},
-                         "tokenizer": {"name": str(tmp_path / "tok")}}}  # fmt: skip
+    prompt = {
+        "system": "You write search queries.",
+        "assistant_prefix": '<answer>{"query": "',
+        "answer_suffix": "</answer>",
+        "instruction": None,
+    }
+    record = {"config": {"model": {"preset": "tiny", "overrides": {"num_layers": 1}},
+                         "tokenizer": {"name": str(tmp_path / "tok")},
+                         "data": {"task": "scifact_no_reason", "prompt": prompt, "corpus": ""},
+                         "sampling": {"stop": ['"}']}}}  # fmt: skip
     (run / "config.json").write_text(json.dumps(record))
     run_cli(f"--checkpoint_dir={run / 'checkpoints'}", f"--out_dir={tmp_path / 'hf'}")
     hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
@@ -178,6 +188,10 @@ def test_export_takes_model_and_tokenizer_from_the_run_config(tmp_path):
     gen = transformers.GenerationConfig.from_pretrained(str(tmp_path / "hf"))
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     assert gen.eos_token_id == tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    # How serving must prompt it: the run's task, prompt pieces (None = the task's) and stops.
+    saved = json.loads((tmp_path / "hf" / "deepretrieval_protocol.json").read_text())
+    assert saved == {"task": "scifact_no_reason", "corpus": "", "stop": ['"}'],
+                     "prompt": {k: v for k, v in prompt.items() if v is not None}}  # fmt: skip
 
 
 def test_export_lora_run_merges_adapters_and_writes_peft(tmp_path):

@@ -21,7 +21,8 @@ from family_fixtures import (
 
 from configs import eval_scifact
 from deepretrieval_jax import eval as eval_lib
-from deepretrieval_jax.rl import setup, trainer
+from deepretrieval_jax.data import task_data
+from deepretrieval_jax.rl import policy_init, run_tokenizer, trainer
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +41,8 @@ def test_reward_path_scores_well_formed_answers(task, family_env, monkeypatch):
     (as `launch/eval.py` runs it) on scripted, well-formed answers."""
     env = family_env
     cfg = family_config(task, env)
-    spec = setup.task_spec(cfg)
-    examples = list(setup.load_examples(cfg, spec, cfg.data.train_split))
+    spec = task_data.task_spec(cfg)
+    examples = list(task_data.load_examples(cfg, spec, cfg.data.train_split))
     assert len(examples) == N
     run = types.SimpleNamespace(cfg=cfg, spec=spec, workdir=env["root"] / "pools" / task)
     run.workdir.mkdir(parents=True)
@@ -55,17 +56,17 @@ def test_reward_path_scores_well_formed_answers(task, family_env, monkeypatch):
 
     cfg.eval = eval_scifact.eval_config("policy")
     cfg.eval.split = "test"
-    test_examples = list(setup.load_examples(cfg, spec, "test"))
+    test_examples = list(task_data.load_examples(cfg, spec, "test"))
     keys = [key_text(spec, ex.input) for ex in test_examples]
 
     def policy(cfg_, decode):  # the policy's decoding, scripted
-        _, _, codec = setup.text_setup(cfg_)
+        tokenizer = run_tokenizer.load_tokenizer(cfg_, policy_init.model_config(cfg_))
 
         def generate(prompts):
             found = [next(k for k in keys if k in p) for p in prompts]
             return [scripted(spec, task, doc_index(spec, k)) for k in found]
 
-        return generate, codec.tokenizer
+        return generate, tokenizer
 
     monkeypatch.setattr(eval_lib, "_policy", policy)
     report = eval_lib.run(cfg, env["root"] / "eval" / task)

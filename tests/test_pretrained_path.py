@@ -12,9 +12,9 @@ import trainer_fixtures as fx
 from configs import common
 from deepretrieval_jax import eval as eval_lib
 from deepretrieval_jax import hf_io, metrics
-from deepretrieval_jax.data import tasks
+from deepretrieval_jax.data import task_data, tasks
 from deepretrieval_jax.rewards.parsing import parse_completion
-from deepretrieval_jax.rl import setup, trainer
+from deepretrieval_jax.rl import policy_init, run_tokenizer, trainer
 
 PREFIX = '<answer>{"query": "'
 # Single characters: the tiny random policy emits one within a few tokens, so rows stop early
@@ -58,10 +58,10 @@ def _config(policy_dir, num_steps=2):
 
 def test_model_shape_and_tokenizer_come_from_hf_path(policy_dir):
     cfg = _config(policy_dir)
-    model_cfg = setup.model_config(cfg)
+    model_cfg = policy_init.model_config(cfg)
     assert model_cfg == hf_io.config_from_checkpoint(policy_dir, dtype="float32", remat=False)
-    assert setup.tokenizer_name(cfg) == str(policy_dir)
-    tok = setup.load_tokenizer(cfg, model_cfg)
+    assert run_tokenizer.tokenizer_name(cfg) == str(policy_dir)
+    tok = run_tokenizer.load_tokenizer(cfg, model_cfg)
     assert tok.vocab_size <= model_cfg.vocab_size and tok.eos_ids
 
 
@@ -69,21 +69,21 @@ def test_empty_preset_needs_an_hf_path():
     cfg = common.base_config()
     cfg.model.preset = ""
     with pytest.raises(ValueError, match="model.hf_path"):
-        setup.model_config(cfg)
+        policy_init.model_config(cfg)
     cfg.model.hf_path = "/no/such/checkpoint"
     with pytest.raises(ValueError, match="config.model.hf_path"):
-        setup.model_config(cfg)
+        policy_init.model_config(cfg)
 
 
 def test_the_offline_qwen_tokenizer_is_the_default_without_files():
-    assert setup.tokenizer_name(common.base_config()) == "qwen2.5"
+    assert run_tokenizer.tokenizer_name(common.base_config()) == "qwen2.5"
 
 
 def test_prompt_fields_from_config_replace_only_what_is_set():
     cfg = common.base_config()
     cfg.data.task = "scifact_no_reason"
     cfg.data.prompt.instruction = "Find papers."
-    spec, task = setup.task_spec(cfg), tasks.get_task("scifact_no_reason")
+    spec, task = task_data.task_spec(cfg), tasks.get_task("scifact_no_reason")
     assert spec.instruction == "Find papers."
     # Each field is its own placeholder: setting one must not set the others.
     assert spec.system == task.system and spec.assistant_prefix == task.assistant_prefix
@@ -107,11 +107,11 @@ def test_random_init_of_a_large_model_is_announced(caplog):
     from deepretrieval_jax.models import ModelConfig
 
     with caplog.at_level(logging.WARNING):
-        setup.warn_random_init(ModelConfig.preset("qwen2.5-0.5b"))
+        policy_init.warn_random_init(ModelConfig.preset("qwen2.5-0.5b"))
     assert "RANDOM INIT" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        setup.warn_random_init(ModelConfig.tiny())
+        policy_init.warn_random_init(ModelConfig.tiny())
     assert "RANDOM INIT" not in caplog.text
 
 
@@ -129,17 +129,17 @@ def test_training_and_eval_use_stop_strings_and_close_answers(policy_dir, tmp_pa
     assert val["val/reward/format_ok"] >= 0.75, val
 
     generate = eval_lib.policy_generate_fn(
-        setup.model_config(cfg),
-        hf_io.load_params(policy_dir, setup.model_config(cfg))[1],
-        setup.load_tokenizer(cfg, None),
+        policy_init.model_config(cfg),
+        hf_io.load_params(policy_dir, policy_init.model_config(cfg))[1],
+        run_tokenizer.load_tokenizer(cfg, None),
         eval_lib.DecodeSpec(max_new_tokens=24),
         prompt_buckets=(128,),
         stop=STOPS,
-        spec=setup.task_spec(cfg),
+        spec=task_data.task_spec(cfg),
     )
     from deepretrieval_jax.data import render
 
-    prompts = [render.render_prompt(setup.task_spec(cfg), e.input, setup.load_tokenizer(cfg, None))
+    prompts = [render.render_prompt(task_data.task_spec(cfg), e.input, run_tokenizer.load_tokenizer(cfg, None))
                for e in ex]  # fmt: skip
     texts = generate(prompts)
     assert all(t.endswith('"}</answer>') for t in texts), texts

@@ -158,7 +158,8 @@ def test_sql_rewrites_run_on_the_named_database(tmp_path):
 
 
 def test_a_compact_vocabulary_export_is_served_through_its_vocab_map(tmp_path):
-    """The CPU demo's HF export: a small model vocabulary + vocab_map.json (Qwen2.5 ids)."""
+    """An older CPU demo export (the since removed compact vocabulary): a small model
+    vocabulary + vocab_map.json (Qwen2.5 ids)."""
     from tiny_models import random_params
 
     from deepretrieval_jax import hf_io

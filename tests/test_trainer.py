@@ -151,7 +151,7 @@ def test_sft_checkpoint_starts_ppo_from_the_data_dir(tmp_path):
     # The real data path: BEIR files on disk, BM25 built from them, SFT -> PPO init.
     cfg = fx.tiny_config(num_steps=1)
     cfg.data.data_dir = str(fx.write_beir(tmp_path / "data"))
-    cfg.sft.num_steps, cfg.sft.batch_size, cfg.sft.max_len = 2, 8, 80
+    cfg.sft.num_steps, cfg.sft.batch_size, cfg.sft.max_len = 2, 8, 160
     sft_params = sft.run_sft(cfg, tmp_path / "sft")
     records = metrics.read_jsonl(tmp_path / "sft" / metrics.JSONL_NAME)
     assert [r["step"] for r in records] == [1, 2] and records[-1]["sft/loss"] > 0
@@ -169,10 +169,10 @@ def test_sft_checkpoint_starts_ppo_from_the_data_dir(tmp_path):
 
 def test_pubmed_backend_requires_the_configured_api_key(monkeypatch):
     from configs import pubmed
-    from deepretrieval_jax.rl import setup
+    from deepretrieval_jax.data import task_data
 
     cfg = pubmed.get_config()
-    spec = setup.task_spec(cfg)
+    spec = task_data.task_spec(cfg)
     monkeypatch.delenv("NCBI_API_KEY", raising=False)
     with pytest.raises(ValueError, match=r"config.reward.api_key_env: \$NCBI_API_KEY is not set"):
         trainer._make_backend(cfg, spec)
@@ -184,7 +184,7 @@ def test_pubmed_backend_requires_the_configured_api_key(monkeypatch):
 def test_sft_restarted_in_its_workdir_resumes_bitwise(tmp_path):
     cfg = fx.tiny_config()
     cfg.data.data_dir = str(fx.write_beir(tmp_path / "data"))
-    cfg.sft.batch_size, cfg.sft.max_len, cfg.sft.warmup_steps = 8, 80, 2
+    cfg.sft.batch_size, cfg.sft.max_len, cfg.sft.warmup_steps = 8, 160, 2
     cfg.sft.num_steps = 3
     straight = sft.run_sft(cfg, tmp_path / "straight")
     cfg.sft.num_steps, cfg.sft.checkpoint_every = 2, 1
@@ -198,7 +198,7 @@ def test_sft_restarted_in_its_workdir_resumes_bitwise(tmp_path):
 
 def test_shared_critic_run_checkpoints_a_value_head_that_hf_export_drops(tmp_path):
     from deepretrieval_jax import hf_io
-    from deepretrieval_jax.rl import setup
+    from deepretrieval_jax.rl import policy_init
 
     cfg = fx.tiny_config(num_steps=1)
     cfg.ppo.critic = "shared"
@@ -210,8 +210,7 @@ def test_shared_critic_run_checkpoints_a_value_head_that_hf_export_drops(tmp_pat
     assert "ppo/grad_norm_critic" not in result.last_metrics  # one optimiser
     assert result.last_metrics["time/values_s"] >= 0.0
 
-    vocab = result.state.actor_params["transformer"]["embedder"]["embedding"].shape[0]
-    model_cfg = setup.model_config(cfg).replace(vocab_size=vocab)
+    model_cfg = policy_init.model_config(cfg)
     params = checkpoint.restore_policy_params(tmp_path, model_cfg)  # value_head left unread
     assert "value_head" not in params
     with_head = {**params, "value_head": result.state.actor_params["value_head"]}
@@ -245,7 +244,7 @@ def test_lora_run_checkpoints_adapters_only_resumes_and_exports_merged(tmp_path)
     no base; a resumed run reloads the base; the merged export reproduces the adapter forward."""
     from deepretrieval_jax import lora_export
     from deepretrieval_jax.models import CausalLM, lora
-    from deepretrieval_jax.rl import setup
+    from deepretrieval_jax.rl import policy_init
     from deepretrieval_jax.rl.state import policy_params
 
     cfg = fx.tiny_config(NUM_STEPS)
@@ -265,8 +264,8 @@ def test_lora_run_checkpoints_adapters_only_resumes_and_exports_merged(tmp_path)
     assert resumed.step == NUM_STEPS + 1
     for a, b in zip(jax.tree.leaves(resumed.state.ref_params), jax.tree.leaves(base), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # same base, reloaded
-    vocab = base["transformer"]["embedder"]["embedding"].shape[0]  # the compact vocabulary
-    model_cfg = setup.model_config(cfg).replace(vocab_size=vocab)
+    model_cfg = policy_init.model_config(cfg)
+    vocab = model_cfg.vocab_size
     mesh = jax.tree.leaves(base)[0].sharding.mesh  # the adapters restored beside the base
     merged = lora_export.merged_policy_params(tmp_path, model_cfg, base, mesh=mesh)
     tokens = np.arange(12, dtype=np.int32).reshape(2, 6) % vocab

@@ -2,7 +2,8 @@
 
 What runs here through `etils.epath` on the fake bucket: metrics.jsonl, TensorBoard events,
 samples and the reward plot (staged locally, copied by `workdir.Mirror`, resumed from the
-bucket), WORKDIR/config.json, the vocab map, and an HF export. Orbax checkpoints are not
+bucket), WORKDIR/config.json, an older run's vocab map, an HF export, and launch/compare.py's
+runs (a sweep root in the bucket) and outputs. Orbax checkpoints are not
 covered (orbax writes arrays with tensorstore, whose GCS driver needs the real service); only
 that the gs:// URL reaches orbax intact.
 """
@@ -66,8 +67,8 @@ def test_run_config_vocab_map_and_checkpoint_paths_keep_the_url(bucket):
     cfg = ml_collections.ConfigDict({"model": {"compact_vocab": True}})
     assert runtime.write_run_config(cfg, "gs://bucket/r", "x:y") == "gs://bucket/r/config.json"
     assert json.loads((bucket / "r" / "config.json").read_text())["config"] == cfg.to_dict()
-    export.write_vocab_map("gs://bucket/r", "qwen2.5", [0, 5, 9])
-    assert json.loads((bucket / "r" / "vocab_map.json").read_text())["ids"] == [0, 5, 9]
+    # An older compact-vocabulary run's map (model id i = tokenizer id ids[i]).
+    (bucket / "r" / "vocab_map.json").write_text(json.dumps({"ids": [0, 5, 9]}))
     ckpt_dir = workdir.as_path("gs://bucket/r") / "checkpoints"  # what the trainer builds
     assert str(checkpoint._as_path(str(ckpt_dir))) == "gs://bucket/r/checkpoints"
     plan = export.plan_export("gs://bucket/r/checkpoints", 256, eos_ids=[5])
@@ -97,3 +98,25 @@ def test_hf_export_to_the_bucket(bucket, tmp_path):
         tensors["model.embed_tokens.weight"],
         np.asarray(params["transformer"]["embedder"]["embedding"]),
     )
+
+
+def test_compare_reads_runs_from_the_bucket_and_writes_there(bucket):
+    from deepretrieval_jax import compare
+
+    for name, reward in (("lr=1", 0.2), ("lr=2", 0.5)):
+        run = bucket / "sweep" / name
+        run.mkdir(parents=True)
+        lines = [{"step": s, "time": 0.0, "reward/mean": reward * s, "time/step_s": 1.0}
+                 for s in (1, 2)]  # fmt: skip
+        (run / metrics.JSONL_NAME).write_text("".join(json.dumps(r) + "\n" for r in lines))
+        (run / "sweep_point.json").write_text(json.dumps({"name": name, "swept": {"lr": name}}))
+    (bucket / "sweep" / "notes").mkdir()  # not a run: skipped
+    runs = compare.find_runs(["gs://bucket/sweep"])
+    assert [str(r) for r in runs] == ["gs://bucket/sweep/lr=1", "gs://bucket/sweep/lr=2"]
+    written = compare.compare(["gs://bucket/sweep"], "gs://bucket/out", metric="reward/mean")
+    assert sorted(written) == ["csv", "md", "png"]
+    table = (bucket / "out" / compare.TABLE_NAME).read_text()
+    assert table.index("lr=2") < table.index("lr=1")  # best reward first
+    assert (bucket / "out" / compare.PLOT_NAME).read_bytes().startswith(b"\x89PNG")
+    with pytest.raises(FileNotFoundError, match="gs://bucket/nothing: no such run directory"):
+        compare.find_runs(["gs://bucket/nothing"])

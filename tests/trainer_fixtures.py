@@ -31,7 +31,7 @@ DOCS = [
 
 
 def register_task():
-    """A BEIR-family task with a short prompt (keeps the prompt bucket at 48 tokens)."""
+    """A BEIR-family task with a short prompt (keeps the prompt bucket at 96 tokens)."""
     from deepretrieval_jax.data import tasks
 
     if TASK not in tasks.list_tasks():
@@ -62,17 +62,21 @@ def backend():
 
 
 def tiny_config(num_steps: int = 3):
-    """tests/tiny_config.py shrunk: 1 layer, 8 prompts/step, 6 new tokens, 48-token prompts."""
+    """tests/tiny_config.py shrunk: 1 layer, 8 prompts/step, 6 new tokens, 96-token prompts
+    (the tiny tokenizer's ids are characters)."""
     import tiny_config
+
+    from configs import common
 
     register_task()
     cfg = tiny_config.get_config()
+    cfg.data.prompt = common.prompt_config()  # the task's own short prompt
     cfg.model.overrides.num_layers = 1
     cfg.model.overrides.embed_dim = 32
     cfg.model.overrides.mlp_dim = 64
     cfg.data.task = TASK
-    cfg.data.prompt_buckets = (48,)
-    cfg.data.max_prompt_len = 48
+    cfg.data.prompt_buckets = (96,)
+    cfg.data.max_prompt_len = 96
     cfg.data.num_val_examples = -1
     cfg.train.prompts_per_step = 8
     cfg.ppo.mini_batch_size = 4

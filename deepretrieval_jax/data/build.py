@@ -12,7 +12,7 @@ directory; the split name picks qrels/<split>.tsv), bird / spider (`--db_root` h
 `<db_id>/<db_id>.sqlite`). A path may be `download:<key>` (e.g. `download:squad/dev`, see
 `download.RESOURCES`). A dataset already built under the name is replaced only with
 `--overwrite`. The dataset lands in `<data_dir>/deep_retrieval_examples/<name>/`,
-where `rl.setup.load_examples` and `tfds_builder.load_split` find it.
+where `data.task_data.load_examples` and `tfds_builder.load_split` find it.
 """
 
 from __future__ import annotations

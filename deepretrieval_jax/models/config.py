@@ -175,6 +175,12 @@ class ModelConfig:
         return cls(**{**dims, **overrides})
 
     @classmethod
+    def tiny_qwen(cls, **overrides) -> ModelConfig:
+        """`tiny` over Qwen2.5's full 151,936-id vocabulary: a smoke run of a real config (Qwen2.5
+        tokenizer) without a checkpoint."""
+        return cls.tiny(**{"vocab_size": 151936, **overrides})
+
+    @classmethod
     def tiny_llama(cls, **overrides) -> ModelConfig:
         """A 2-layer Llama-3-shaped model for tests (no bias, llama3 RoPE scaling, tied head)."""
         dims = dict(
@@ -299,5 +305,6 @@ PRESETS = (
     "llama3_2_1b",
     "llama3_2_3b",
     "tiny",
+    "tiny_qwen",
     "tiny_llama",
 )

@@ -15,6 +15,9 @@ concurrently (the CPU client may), overlapping phases share their time.
 
 Invariants: one waiting thread; nothing blocks the caller until `Phases.seconds()`; never mark
 outputs that a later call donates (waiting on a deleted buffer raises).
+
+`StepPhaseLog` turns the per-step timers into a few console lines: one for step 1 (which
+compiles), then one per tenth of the run with the mean seconds of each phase over its steps.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import concurrent.futures
 import time
 
 import jax
+from absl import logging
 
 
 def _wait(outputs) -> float:
@@ -70,3 +74,37 @@ class PhaseTimer:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+# Per-step phases of the PPO loop in the order they run: (metric key, name in the log line).
+STEP_PHASES = (
+    ("time/generate_s", "generate"),
+    ("time/reward_wait_s", "reward wait"),
+    ("time/update_s", "update"),
+    ("time/step_s", "step"),
+)
+
+
+class StepPhaseLog:
+    """Logs the loop's phase times at INFO: step 1, then every `num_steps // 10` steps (and the
+    last), each line the mean per step since the previous line."""
+
+    def __init__(self, num_steps: int, start_step: int = 0, lines: int = 10):
+        self.num_steps, self.every = num_steps, max(1, num_steps // lines)
+        self._first, self._sums = start_step + 1, {}
+
+    def add(self, step: int, values: dict) -> str | None:
+        """Adds step `step`'s metrics; returns (and logs) the line when one is due."""
+        for key, _ in STEP_PHASES:
+            if values.get(key) is not None:
+                self._sums[key] = self._sums.get(key, 0.0) + float(values[key])
+        if not (step == 1 or step % self.every == 0 or step == self.num_steps):
+            return None
+        n = step - self._first + 1
+        parts = [f"{name} {self._sums[key] / n:.2f} s" for key, name in STEP_PHASES
+                 if key in self._sums]  # fmt: skip
+        steps = f"step {step}" if n == 1 else f"steps {self._first}-{step}"
+        line = f"{steps}: {', '.join(parts)}" + (" per step (mean)" if n > 1 else "")
+        logging.info("%s", line)
+        self._first, self._sums = step + 1, {}
+        return line

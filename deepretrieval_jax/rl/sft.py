@@ -33,12 +33,12 @@ import numpy as np
 import optax
 from absl import logging
 
-from deepretrieval_jax import checkpoint, export, metrics, models, sharding
+from deepretrieval_jax import checkpoint, metrics, models, sharding
 from deepretrieval_jax import workdir as workdir_lib
 from deepretrieval_jax.config import SFTConfig, to_dataclass
-from deepretrieval_jax.data import render
+from deepretrieval_jax.data import render, task_data
 from deepretrieval_jax.models import lora
-from deepretrieval_jax.rl import setup
+from deepretrieval_jax.rl import data_order, policy_init, run_tokenizer
 
 
 @flax.struct.dataclass
@@ -92,19 +92,19 @@ def load_pairs(cfg, spec, tokenizer) -> list[tuple[str, str]]:  # tokenizer: ren
                 prompt = tokenizer.render_chat(prompt, assistant_prefix=spec.assistant_prefix)
             pairs.append((prompt, row["completion"]))
         return pairs
-    examples = setup.load_examples(cfg, spec, cfg.data.train_split)
+    examples = task_data.load_examples(cfg, spec, cfg.data.train_split)
     return [
         (render.render_prompt(spec, ex.input, tokenizer), teacher_completion(spec, ex))
         for ex in examples
     ]
 
 
-def encode_pairs(pairs, codec, prompt_len: int, completion_len: int) -> dict:
-    """Numpy SFT arrays in model ids; pairs that do not fit are dropped (and logged)."""
-    end_id = codec.eos_ids[0]
+def encode_pairs(pairs, tokenizer, prompt_len: int, completion_len: int) -> dict:
+    """Numpy SFT arrays of token ids; pairs that do not fit are dropped (and logged)."""
+    end_id = tokenizer.eos_ids[0]
     rows = []
     for prompt, completion in pairs:
-        p, c = codec.encode(prompt), codec.encode(completion) + [end_id]
+        p, c = tokenizer.encode(prompt), tokenizer.encode(completion) + [end_id]
         if len(p) <= prompt_len and len(c) <= completion_len:
             rows.append((p, c))
     if not rows:
@@ -115,7 +115,7 @@ def encode_pairs(pairs, codec, prompt_len: int, completion_len: int) -> dict:
     if len(rows) < len(pairs):
         logging.warning("SFT: dropped %d of %d over-long pairs", len(pairs) - len(rows), len(pairs))
     T = prompt_len + completion_len
-    tokens = np.full((len(rows), T), codec.pad_id, np.int32)
+    tokens = np.full((len(rows), T), tokenizer.pad_id, np.int32)
     mask = np.zeros((len(rows), T), np.int32)
     loss_mask = np.zeros((len(rows), T), np.float32)
     for i, (p, c) in enumerate(rows):
@@ -210,19 +210,18 @@ def run_sft(cfg, workdir: str) -> dict:
     if sft.batch_size % jax.process_count():
         raise ValueError(f"config.sft.batch_size ({sft.batch_size}) must divide over processes")
     workdir = workdir_lib.as_path(workdir)  # local or gs://
-    spec, model_cfg, codec = setup.text_setup(cfg)
-    if codec.vocab_map is not None and jax.process_index() == 0:  # for the export
-        export.write_vocab_map(workdir, cfg.tokenizer.name, codec.vocab_map.ids)
+    spec, model_cfg = task_data.task_spec(cfg), policy_init.model_config(cfg)
+    tokenizer = run_tokenizer.load_tokenizer(cfg, model_cfg)
     prompt_len = max(cfg.data.prompt_buckets)
     completion_len = sft.max_len - prompt_len
     if completion_len <= 0:
         raise ValueError(
             f"config.sft.max_len ({sft.max_len}) must exceed the prompt bucket {prompt_len}"
         )
-    pairs = load_pairs(cfg, spec, codec.tokenizer)
-    arrays = encode_pairs(pairs, codec, prompt_len, completion_len)
+    pairs = load_pairs(cfg, spec, tokenizer)
+    arrays = encode_pairs(pairs, tokenizer, prompt_len, completion_len)
     num_pairs = len(arrays["tokens_BxT"])
-    it = setup.ShardedSampler(
+    it = data_order.ShardedSampler(
         num_pairs, sft.batch_size, cfg.seed, jax.process_index(), jax.process_count()
     )
 
@@ -234,8 +233,10 @@ def run_sft(cfg, workdir: str) -> dict:
             f"config.sft.batch_size ({sft.batch_size}) must divide by data*fsdp ({dp})"
         )
     model = models.CausalLM(lora.base_config(model_cfg))  # SFT trains the full model
-    params = setup.load_policy_params(cfg, model, mesh, rules, jax.random.key(cfg.seed))
-    logging.info("SFT: %d pairs, policy %.2fM params", num_pairs, setup.param_count(params) / 1e6)
+    params = policy_init.load_policy_params(cfg, model, mesh, rules, jax.random.key(cfg.seed))
+    logging.info(
+        "SFT: %d pairs, policy %.2fM params", num_pairs, policy_init.param_count(params) / 1e6
+    )
     optimizer = make_optimizer(sft)
     state_sh = state_shardings(model, optimizer, mesh, rules)
     with sharding.mesh_rules(mesh, rules):
@@ -244,7 +245,7 @@ def run_sft(cfg, workdir: str) -> dict:
     state = SFTState(step=step0, params=params, opt_state=opt_state)
     step_fn = jit_train_step(model, optimizer, prompt_len, state_sh)
     ckpt = checkpoint.CheckpointManager(
-        workdir / setup.CHECKPOINT_DIR, max_to_keep=1, async_save=False
+        workdir / checkpoint.CHECKPOINT_DIR, max_to_keep=1, async_save=False
     )
     start = ckpt.latest_step() or 0
     if start:  # resume: params, optimiser state, step and data order continue exactly
@@ -263,7 +264,7 @@ def run_sft(cfg, workdir: str) -> dict:
     for step in range(start + 1, sft.num_steps + 1):
         idx = next(it)
         local = {k: v[idx] for k, v in arrays.items()}
-        batch = SFTBatch(**setup.global_batch(local, mesh, rules))
+        batch = SFTBatch(**sharding.global_batch(local, mesh, rules))
         with sharding.mesh_rules(mesh, rules):
             state, aux = step_fn(state, batch)
         if pending is not None:  # fetch step t-1's metrics after dispatching step t

@@ -14,6 +14,8 @@ Critic: `ppo.critic="separate"` trains a `ValueModel` (state.critic_params); "sh
 actor a `PolicyValueModel` (LM + value head on its trunk, one optimiser): its params, and so
 checkpoints, hold an extra `value_head` subtree that sampling, eval and HF export leave out.
 
+Console: the phase times below at INFO, for step 1 and then once per tenth of the run
+(`phases.StepPhaseLog`); validation and checkpoints log a start and a done line with their time.
 Timers (seconds, per step; `rl/phases.py` times device phases by completion fences on a
 background thread, so nothing here blocks the overlap of steps 3 and the reward wait):
   time/generate_s        sampling + fetching this host's rows (synchronous);
@@ -27,7 +29,7 @@ background thread, so nothing here blocks the overlap of steps 3 and the reward 
   time/step_s            wall time from this step's start to the next one's.
 
 Determinism and resume: the sampling key of step s is fold_in(key(seed), s); the data order is
-`setup.ShardedSampler` (state in the checkpoint metadata); mini-batch shuffling uses the
+`data_order.ShardedSampler` (state in the checkpoint metadata); mini-batch shuffling uses the
 TrainState's rng; local BM25 (or the reward cache in replay mode) is deterministic. So a run
 killed and resumed from its last checkpoint reproduces the uninterrupted run bit for bit on CPU.
 Checkpoints: every `train.checkpoint_every` steps, at the end, and on SIGTERM (preemption: the
@@ -49,16 +51,23 @@ import numpy as np
 from absl import logging
 from flax import linen as nn
 
-from deepretrieval_jax import checkpoint, export, metrics, models, sharding
+from deepretrieval_jax import checkpoint, metrics, models, progress, sharding
 from deepretrieval_jax import workdir as workdir_lib
 from deepretrieval_jax.agent import harness, protocol
 from deepretrieval_jax.agent.decode import decode_transcripts
 from deepretrieval_jax.config import TrainConfig, resolve_data_dir, to_dataclass, validate
-from deepretrieval_jax.data import backends, render
+from deepretrieval_jax.data import backends, render, task_data
 from deepretrieval_jax.rewards.pool import PoolConfig, RewardPool
 from deepretrieval_jax.rewards.tasks import make_task
-from deepretrieval_jax.rl import dynamic_sampling, mismatch, rollout, setup
-from deepretrieval_jax.rl.phases import PhaseTimer
+from deepretrieval_jax.rl import (
+    data_order,
+    dynamic_sampling,
+    mismatch,
+    policy_init,
+    rollout,
+    run_tokenizer,
+)
+from deepretrieval_jax.rl.phases import PhaseTimer, StepPhaseLog
 from deepretrieval_jax.rl.state import (
     PPOConfig,
     create_train_state,
@@ -132,7 +141,7 @@ def _lm_params(actor_params):
 
 def _critic_params(cfg, actor_params, critic_model, mesh, rules, rng):
     """Critic = the actor's trunk + a fresh value head (config.model.critic_from_actor)."""
-    params = setup.init_params(critic_model, mesh, rules, rng)
+    params = policy_init.init_params(critic_model, mesh, rules, rng)
     if cfg.model.critic_from_actor and "transformer" in actor_params:
         params = {**params, "transformer": jax.tree.map(jnp.copy, actor_params["transformer"])}
     return params
@@ -164,27 +173,19 @@ class _Run:
         self.cfg, self.workdir = cfg, workdir_lib.as_path(workdir)  # local or gs://
         self.tc = to_dataclass(TrainConfig, cfg.train, "train")
         self.ppo = to_dataclass(PPOConfig, cfg.ppo, "ppo")
-        spec = setup.task_spec(cfg)
+        spec = task_data.task_spec(cfg)
         self.agent = harness.agent_config(cfg)  # multi-turn search agent, or None
         if train_examples is None:
-            train_examples = setup.load_examples(cfg, spec, cfg.data.train_split)
+            train_examples = task_data.load_examples(cfg, spec, cfg.data.train_split)
         if val_examples is None:
-            val_examples = setup.load_examples(cfg, spec, cfg.data.val_split)
-        tok = setup.load_tokenizer(cfg, None)
-        from deepretrieval_jax.rl.sft import teacher_completion
-
-        texts = [
-            render.render_prompt(spec, ex.input, tok) for ex in [*train_examples, *val_examples]
-        ]
-        texts += [teacher_completion(spec, ex) for ex in [*train_examples, *val_examples]]
-        self.spec, self.model_cfg, self.codec = setup.text_setup(cfg, texts=texts)
+            val_examples = task_data.load_examples(cfg, spec, cfg.data.val_split)
+        self.spec, self.model_cfg = spec, policy_init.model_config(cfg)
+        tok = run_tokenizer.load_tokenizer(cfg, self.model_cfg)
+        self.codec = tok  # text <-> model ids: the model speaks the tokenizer's ids
         if self.agent is not None:  # its reward task scores whole transcripts
             self.spec = self.spec.replace(
                 reward_task=self.agent.reward_task, reward_opts=self.agent.reward_opts
             )
-        if self.codec.vocab_map is not None and jax.process_index() == 0:  # for the export
-            export.write_vocab_map(workdir, cfg.tokenizer.name, self.codec.vocab_map.ids)
-        # Truncate only after the compact vocabulary saw the whole split (SFT's vocabulary).
         if cfg.data.num_val_examples > 0:
             val_examples = list(val_examples)[: cfg.data.num_val_examples]
         self.train_prompts = _prompts(spec, train_examples, tok, cfg.data.max_prompt_len, "train")
@@ -203,19 +204,19 @@ class _Run:
         self.lm = models.CausalLM(self.model_cfg)  # what samples, is loaded and exported
         self.critic = models.ValueModel(self.model_cfg) if self.ppo.separate_critic else None
         self.steps = make_jitted(self.ppo, self.actor, self.critic, self.mesh, self.rules)
-        self.data = setup.ShardedSampler(len(self.train_prompts), self.B, cfg.data.shuffle_seed)
+        self.data = data_order.ShardedSampler(
+            len(self.train_prompts), self.B, cfg.data.shuffle_seed
+        )
         self.ckpt = checkpoint.CheckpointManager(
-            self.workdir / setup.CHECKPOINT_DIR, self.tc.max_to_keep, self.tc.async_checkpoint
+            self.workdir / checkpoint.CHECKPOINT_DIR, self.tc.max_to_keep, self.tc.async_checkpoint
         )
         self.state, self.start_step = self._init_or_restore()
         self.timer = PhaseTimer()
+        self.phase_log = StepPhaseLog(self.tc.num_steps, self.start_step)  # INFO lines
 
         self.stop = tuple(cfg.sampling.stop)
         token_bytes = None
-        stops = self.stop or self.agent is not None  # the agent stops at </search>
-        if stops and cfg.model.compact_vocab:
-            raise ValueError("config.sampling.stop cannot be used with config.model.compact_vocab")
-        if stops:
+        if self.stop or self.agent is not None:  # the agent stops at </search>
             from deepretrieval_jax.sampling import token_bytes_from_tokenizer
 
             token_bytes = token_bytes_from_tokenizer(tok, self.model_cfg.vocab_size)
@@ -292,17 +293,19 @@ class _Run:
                 target = target.replace(ref_params=None)
             latest, state, meta = self.ckpt.restore_latest(target)  # falls back past a corrupt step
             if self.model_cfg.lora_rank:
-                base = setup.load_policy_params(cfg, self.lm, self.mesh, self.rules, k_actor)
+                base = policy_init.load_policy_params(cfg, self.lm, self.mesh, self.rules, k_actor)
                 state = state.replace(ref_params=base)
             self.data.set_state(meta["data"])
             logging.info("Resumed from %s step %d", self.ckpt.directory, latest)
             return state, latest
         actor_params = critic_params = None  # random init: one jitted init of everything
         if not (cfg.model.init_checkpoint or cfg.model.hf_path):
-            setup.warn_random_init(self.model_cfg)
+            policy_init.warn_random_init(self.model_cfg)
         if cfg.model.init_checkpoint or cfg.model.hf_path or self.model_cfg.lora_rank:
             # LM weights only; a shared critic's value head starts fresh in init_train_state.
-            actor_params = setup.load_policy_params(cfg, self.lm, self.mesh, self.rules, k_actor)
+            actor_params = policy_init.load_policy_params(
+                cfg, self.lm, self.mesh, self.rules, k_actor
+            )
             if self.ppo.separate_critic:
                 critic_params = _critic_params(
                     cfg, actor_params, self.critic, self.mesh, self.rules, k_critic
@@ -311,7 +314,7 @@ class _Run:
             self.ppo, self.actor, self.critic, k_state, self.mesh, self.rules,
             actor_params=actor_params, critic_params=critic_params,
         )  # fmt: skip
-        logging.info("Policy: %.2fM params", setup.param_count(state.actor_params) / 1e6)
+        logging.info("Policy: %.2fM params", policy_init.param_count(state.actor_params) / 1e6)
         return state, 0
 
     def _agent_sampler(self, fns, config, sampler_kw, documents=None, sampler_fns=None):
@@ -327,7 +330,7 @@ class _Run:
             sampler_fns or fns, config, self.agent, codec=self.codec,
             search_fn=harness.pool_search_fn(self.pool, task, self.search_opts, documents),
             prompt_suffix=self.spec.assistant_prefix, local_rows=rollout.local_rows,
-            make_global=lambda x: setup.global_batch(x, self.mesh, self.rules), **sampler_kw,
+            make_global=lambda x: sharding.global_batch(x, self.mesh, self.rules), **sampler_kw,
         )  # fmt: skip
 
     def _make_pool(self, backend):
@@ -421,7 +424,7 @@ class _Run:
         scores, valid = rollout.result_arrays(results)
         if self.ppo.overlong_filter:  # DAPO: truncated samples leave the loss, unscored
             valid = rollout.filter_truncated(valid, local[2])
-        scores, valid = setup.global_batch((scores, valid), self.mesh, self.rules)
+        scores, valid = sharding.global_batch((scores, valid), self.mesh, self.rules)
         batch = batch.replace(scores_B=scores, valid_B=valid)
         dynamic = {}
         if self.oversample > 1:  # keep B groups with reward variance (fixed batch shape)
@@ -476,6 +479,8 @@ class _Run:
         values["time/step_s"] = (time.perf_counter() if t_end is None else t_end) - t_start
         values["throughput/tokens_per_s"] = tokens / max(values["time/step_s"], 1e-9)
         self.writer.write(step, values)
+        if jax.process_index() == 0:
+            self.phase_log.add(step, values)
         if step == 1 or (self.tc.val_every and step % self.tc.val_every == 0):
             self.writer.write_texts(step, "train/completions", samples)
         if dev.get("skipped", 0.0) > 0:
@@ -577,9 +582,11 @@ def train(
                 if run.tc.val_every and step % run.tc.val_every == 0 and step < run.tc.num_steps:
                     last = run.log(*pending)
                     pending = None
-                    run.validate(step)
+                    with progress.phase(f"validation at step {step}"):
+                        run.validate(step)
                 if run.tc.checkpoint_every and step % run.tc.checkpoint_every == 0:
-                    run.save(step)
+                    with progress.phase(f"checkpoint at step {step}"):
+                        run.save(step)
                 if _any_process(preemption.requested):
                     preempted = True
                     break
@@ -598,10 +605,12 @@ def train(
                         f" train.num_steps={step} repeats this run"
                     )
                 if run.tc.val_every:
-                    run.validate(step)
-            run.ckpt.wait_until_finished()
-            if run.ckpt.latest_step() != step:
-                run.save(step)
+                    with progress.phase(f"validation at step {step}"):
+                        run.validate(step)
+            with progress.phase(f"checkpoint at step {step}"):
+                run.ckpt.wait_until_finished()
+                if run.ckpt.latest_step() != step:
+                    run.save(step)
     finally:
         run.close()
     return TrainResult(step=step, preempted=preempted, state=run.state, last_metrics=last)

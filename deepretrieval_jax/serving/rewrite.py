@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from deepretrieval_jax.data import render
-from deepretrieval_jax.data.tasks import PICO_KEYS, TaskSpec
+from deepretrieval_jax.data.tasks import PICO_KEYS, TaskSpec, finish_completion
 from deepretrieval_jax.rewards.parsing import THINK_CLOSE, THINK_OPEN, parse_completion
 from deepretrieval_jax.search import query_syntax
 from deepretrieval_jax.search.base import BackendError, QueryRejected
@@ -93,6 +93,21 @@ def parse_input(spec: TaskSpec, raw: Any) -> Any:
 
 def render_prompt(spec: TaskSpec, inp: Any, tokenizer) -> str:
     return render.render_prompt(spec, inp, tokenizer)
+
+
+def stop_strings(stop: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The run's stop strings (`serving.protocol`), then `</answer>`."""
+    return tuple(dict.fromkeys((*stop, *STOP_AFTER_ANSWER)))
+
+
+def close_answer(spec: TaskSpec, text: str, stop: tuple[str, ...] = ()) -> str:
+    """The completion as training's reward parser saw it: cut after a run stop string and closed
+    with the task's `answer_suffix` (`data.tasks.finish_completion`); else cut after
+    `</answer>`."""
+    if any(s in text for s in stop):
+        return finish_completion(spec, text, True, stop)
+    ends = [text.find(s) + len(s) for s in STOP_AFTER_ANSWER if s in text]
+    return text[: min(ends)] if ends else text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,9 +247,11 @@ async def rewrite_batch(
     searcher: Searcher | None = None,
     top_k: int = 10,
     fallback: str = "none",
+    stop: tuple[str, ...] = (),
 ) -> list[dict]:
     """Rewrites every (id, raw input) with `policy.generate` in batches of `policy.max_batch`;
-    an input that does not fit the task (or is too long) gives a record with its error."""
+    an input that does not fit the task (or is too long) gives a record with its error.
+    `stop`: the run's stop strings (`serving.protocol.resolve`)."""
     records: list[dict | None] = [None] * len(items)
     todo = []
     for k, (ident, raw) in enumerate(items):
@@ -248,13 +265,14 @@ async def rewrite_batch(
             todo.append((k, inp, tokens))
         except InputError as e:
             records[k] = {"id": ident, "task": spec.name, "input": raw, "error": str(e)}
-    settings = dataclasses.replace(settings, stop=STOP_AFTER_ANSWER)
+    settings = dataclasses.replace(settings, stop=stop_strings(stop))
     for start in range(0, len(todo), policy.max_batch):
         chunk = todo[start : start + policy.max_batch]
         rows = [t for _, _, t in chunk]
         completions = policy.generate(rows, settings, [max_tokens] * len(rows))
         for (k, inp, _), c in zip(chunk, completions, strict=True):
-            rec = await finish(spec, inp, c.text, searcher, top_k, fallback)
+            text = close_answer(spec, c.text, stop)
+            rec = await finish(spec, inp, text, searcher, top_k, fallback)
             usage = {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens}
             records[k] = {"id": items[k][0], "input": inp, **rec,
                           "finish_reason": c.finish_reason, "usage": usage}  # fmt: skip

@@ -65,9 +65,11 @@ class Service:
         config: ServerConfig = ServerConfig(),
         tasks: Mapping[str, TaskSpec] | None = None,
         searchers: Mapping[str, rewrite.Searcher] | None = None,
+        stops: Mapping[str, tuple[str, ...]] | None = None,
     ):
         self.policy, self.config = policy, config
         self.tasks = dict(tasks or {})
+        self.stops = dict(stops or {})  # per task: the trained run's stop strings
         self.searchers = dict(searchers or {})
         self.scheduler = BatchScheduler(policy.generate, config.scheduler)
         self.max_input_tokens = min(config.max_input_tokens, policy.max_prompt_tokens)
@@ -115,13 +117,14 @@ class Service:
             raise ApiError(400, "fallback must be 'none' or 'original'", param="fallback")
         no_top_k = {k: v for k, v in body.items() if k != "top_k"}  # top_k = results here
         settings, max_tokens = oa.sampling(no_top_k, self.policy.max_new_tokens, default_temp=0.0)
-        settings = dataclasses.replace(settings, stop=rewrite.STOP_AFTER_ANSWER)
+        stop = self.stops.get(name, ())
+        settings = dataclasses.replace(settings, stop=rewrite.stop_strings(stop))
         prompt = rewrite.render_prompt(spec, inp, self.policy.tokenizer)
         searcher = self.searchers.get(name) if want_search else None
         if want_search and searcher is None:
             raise ApiError(400, f"search is not enabled for task {name!r}", param="search")
         completion = await self.generate(prompt, settings, max_tokens)
-        text = cut_at_stop(completion.text, rewrite.STOP_AFTER_ANSWER, keep=True)[0]
+        text = rewrite.close_answer(spec, completion.text, stop)
         out = await rewrite.finish(spec, inp, text, searcher, top_k, fallback)
         out["finish_reason"] = completion.finish_reason
         out["usage"] = oa.usage(completion)
@@ -284,12 +287,20 @@ def build_service(
     config: ServerConfig = ServerConfig(),
     data_dir: str | None = None,
     search: bool = True,
+    protocol=None,
 ) -> Service:
-    """A Service for `task_names` with their search backends (when `search`)."""
-    from deepretrieval_jax.data.tasks import get_task
+    """A Service for `task_names` with their search backends (when `search`); the task the
+    policy was trained on is prompted as in training (`protocol`: `serving.protocol.find`).
+    No task names: the protocol's task."""
+    from deepretrieval_jax.serving import protocol as protocol_lib
 
-    tasks = {n: get_task(n) for n in task_names}
+    resolved = {}
+    for name in task_names or [None]:
+        spec, stop = protocol_lib.resolve(name, protocol)
+        resolved[spec.name] = (spec, stop)
+    tasks = {n: spec for n, (spec, _) in resolved.items()}
+    stops = {n: stop for n, (_, stop) in resolved.items()}
     searchers: dict[str, Any] = {}
     if search:
         searchers = {n: rewrite.Searcher(spec, data_dir) for n, spec in tasks.items()}
-    return Service(policy, config, tasks, searchers)
+    return Service(policy, config, tasks, searchers, stops)
