@@ -1,7 +1,8 @@
 """PPO step time by phase (sample, old/ref log-probs, values, update) for two model shapes.
 
 Shapes (random weights, fp32 on CPU):
-  tiny   the CPU demo's policy (configs/demo.py: 2 layers, hidden 64, compact vocab 4,224 ids),
+  tiny   a 0.4M-parameter toy (2 layers, hidden 64, 4,224 ids: the earlier demo's random policy;
+         the main job now trains SmolLM2-135M, measured end to end in docs/demo_results.md),
          16 prompts x 256 prompt tokens, 48 new tokens, mini-batch 8 (two updates per step).
   0.5b   Qwen2.5-0.5B's widths (hidden 896, 14/2 heads, MLP 4864, full 151,936 vocab) with
          --layers decoder layers (2 by default instead of 24: memory and time on a shared CPU),
@@ -40,7 +41,7 @@ class Shape:
 
 
 SHAPES = {
-    "tiny": Shape("tiny (demo)", 16, 256, 48, 8),
+    "tiny": Shape("tiny (0.4M toy)", 16, 256, 48, 8),
     "0.5b": Shape("Qwen2.5-0.5B widths", 8, 128, 32, 4),
 }
 
