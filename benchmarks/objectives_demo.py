@@ -15,7 +15,8 @@ process), train reward over the last steps, test NDCG@10 / Recall@100 / format e
 bootstrap 95% CIs against the zero-shot policy and against GRPO (the main job's objective).
 Deterministic given the step count: rerunning a point with `train.num_steps=<steps>` and no
 budget repeats it bit for bit; the budget itself can end a point one step earlier or later on
-another machine or load. Re-running the command skips points whose result.json exists.
+another machine or load. Re-running the command skips points whose result.json exists and
+evaluates, without training again, those whose train.json exists.
 """
 
 from __future__ import annotations
@@ -64,16 +65,20 @@ def run_point(base: Path, out: Path, name: str, budget: float, seed: int) -> Non
     work = out / name
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.json").write_text(cfg.to_json_best_effort(indent=1))
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    result = trainer.train(cfg, work / "rl")
-    cpu_train, wall_train = time.process_time() - cpu0, time.perf_counter() - wall0
+    trained = work / "train.json"  # a re-run evaluates without training again
+    if not trained.is_file():
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        result = trainer.train(cfg, work / "rl")
+        trained.write_text(json.dumps(dict(
+            steps=result.step, train_cpu_minutes=round((time.process_time() - cpu0) / 60, 2),
+            train_wall_minutes=round((time.perf_counter() - wall0) / 60, 2),
+        )))  # fmt: skip
     ecfg = demo._eval_config(cfg, checkpoint_dir=str(work / "rl"))
     cpu1 = time.process_time()
     report = demo.run_eval(ecfg, work / "trained")
     _, rewards = metrics.series(metrics.read_jsonl(work / "rl" / metrics.JSONL_NAME), "reward/mean")
     (work / RESULT).write_text(json.dumps(dict(
-        name=name, steps=result.step, budget_minutes=budget, seed=seed,
-        train_cpu_minutes=round(cpu_train / 60, 2), train_wall_minutes=round(wall_train / 60, 2),
+        name=name, budget_minutes=budget, seed=seed, **json.loads(trained.read_text()),
         eval_cpu_minutes=round((time.process_time() - cpu1) / 60, 2),
         rewards=[float(r) for r in rewards], aggregates=report["aggregates"],
         peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
@@ -87,7 +92,10 @@ def launch_all(args, names: list[str]) -> None:
     running: dict[int, tuple[str, int, subprocess.Popen]] = {}
     while todo or running:
         while todo and len(running) < args.parallel:
-            name, slot = todo.pop(0), min(set(range(args.parallel)) - {s for _, s, _ in running.values()})
+            name, slot = (
+                todo.pop(0),
+                min(set(range(args.parallel)) - {s for _, s, _ in running.values()}),
+            )
             cmd = [sys.executable, __file__, f"--base={args.base}", f"--out={args.out}",
                    f"--cpu_budget_minutes={args.cpu_budget_minutes}", f"--seed={args.seed}",
                    f"--point={name}"]  # fmt: skip

@@ -396,11 +396,23 @@ def _policy(cfg, decode: DecodeSpec):
     tokenizer = run_tokenizer.load_tokenizer(cfg, model_cfg)
     mesh, rules = sharding.make_mesh(cfg.mesh), sharding.SAMPLER_RULES
     module = models.CausalLM(model_cfg)
-    if cfg.eval.checkpoint_dir:
+    step = None if cfg.eval.step < 0 else cfg.eval.step
+    if cfg.eval.checkpoint_dir and model_cfg.lora_rank:  # a LoRA run: its adapters on its base
+        from deepretrieval_jax import lora_export
+        from deepretrieval_jax.models import lora
+
+        k_actor = policy_init.init_keys(cfg.seed)[0]  # the run's base when it was random
+        base = policy_init.load_policy_params(cfg, module, mesh, rules, k_actor)
+        params = lora_export.merged_policy_params(
+            cfg.eval.checkpoint_dir, model_cfg, base, step=step,
+            key=cfg.eval.checkpoint_key or "actor_params", mesh=mesh,
+        )  # fmt: skip
+        model_cfg = lora.base_config(model_cfg)  # merged: a plain model
+    elif cfg.eval.checkpoint_dir:
         params = checkpoint.restore_policy_params(
             cfg.eval.checkpoint_dir,
             model_cfg,
-            step=None if cfg.eval.step < 0 else cfg.eval.step,
+            step=step,
             key=cfg.eval.checkpoint_key or None,
             mesh=mesh,
             rules=rules,

@@ -7,6 +7,7 @@ import os
 import signal
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import trainer_fixtures as fx
@@ -117,7 +118,9 @@ def test_cpu_budget_stops_after_the_step_that_spends_it_and_checkpoints(tmp_path
 def test_overlong_filter_masks_exactly_the_truncated_rows_out_of_the_update(tmp_path):
     # 4 new tokens: the tiny random policy runs out of tokens on most rows, not on all.
     _train(tmp_path, num_steps=1, sampling__max_new_tokens=4, ppo__overlong_filter=True)
-    row = next(r for r in metrics.read_jsonl(tmp_path / metrics.JSONL_NAME) if "ppo/policy_loss" in r)
+    row = next(
+        r for r in metrics.read_jsonl(tmp_path / metrics.JSONL_NAME) if "ppo/policy_loss" in r
+    )
     rows = row["pool/samples"]
     truncated = round(row["response/truncated_fraction"] * rows)
     assert 0 < truncated, "no truncated row: the test would not exercise the filter"
@@ -239,7 +242,7 @@ def test_dynamic_sampling_bf16_sampler_and_tis_are_logged(tmp_path):
         assert 0.0 < r["ppo/tis_weight_mean"] <= 2.0
 
 
-def test_lora_run_checkpoints_adapters_only_resumes_and_exports_merged(tmp_path):
+def test_lora_run_checkpoints_adapters_only_resumes_and_exports_merged(tmp_path, monkeypatch):
     """config.model.lora.rank > 0: the checkpoint holds the adapters and their optimiser state,
     no base; a resumed run reloads the base; the merged export reproduces the adapter forward."""
     from deepretrieval_jax import lora_export
@@ -275,3 +278,23 @@ def test_lora_run_checkpoints_adapters_only_resumes_and_exports_merged(tmp_path)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
     with pytest.raises(checkpoint.CheckpointError, match="LoRA adapters only"):
         checkpoint.restore_policy_params(tmp_path, lora.base_config(model_cfg))
+
+    # Evaluation of the run's directory merges its adapters onto the same base.
+    from deepretrieval_jax import eval as eval_lib
+
+    seen = {}
+
+    def capture(model_config, params, *args, **kw):
+        seen.update(config=model_config, params=params)
+        return lambda prompts: [""] * len(prompts)
+
+    ecfg = cfg.copy_and_resolve_references()
+    with ecfg.unlocked():
+        ecfg.eval = ml_collections.ConfigDict(
+            dict(checkpoint_dir=str(tmp_path), step=-1, checkpoint_key="actor_params", batch_size=2)
+        )
+    monkeypatch.setattr(eval_lib, "policy_generate_fn", capture)
+    eval_lib._policy(ecfg, eval_lib.DecodeSpec(max_new_tokens=2))
+    assert seen["config"] == lora.base_config(model_cfg)
+    got = CausalLM(seen["config"]).apply({"params": seen["params"]}, *args)[0]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)

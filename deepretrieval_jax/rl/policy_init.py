@@ -51,6 +51,13 @@ def model_config(cfg) -> models.ModelConfig:
         raise ValueError(f"config.model: {e}") from e
 
 
+def init_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(actor, critic, train state) keys of a run with `config.seed`: a LoRA run's randomly
+    initialised base is re-created from the actor key when its adapters are evaluated."""
+    k_actor, k_critic, k_state = jax.random.split(jax.random.key(seed), 3)
+    return k_actor, k_critic, k_state
+
+
 def init_params(module: nn.Module, mesh, rules, rng) -> dict:
     """Random params created directly in their shardings."""
     return sharding.init_sharded(module, mesh, rules, rng)

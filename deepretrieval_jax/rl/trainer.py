@@ -114,7 +114,6 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-
 def _any_process(flag: bool) -> bool:
     """True when `flag` is set on any process (every process gets the same answer)."""
     if jax.process_count() == 1:
@@ -269,9 +268,8 @@ class _Run:
     # ------------------------------------------------------------------ setup pieces
     def _init_or_restore(self):
         cfg = self.cfg
-        rng = jax.random.key(cfg.seed)
         latest = self.ckpt.latest_step()
-        k_actor, k_critic, k_state = jax.random.split(rng, 3)
+        k_actor, k_critic, k_state = policy_init.init_keys(cfg.seed)
         if latest is not None:
             actor_abs = nn.meta.unbox(sharding.abstract_params(self.actor))
             critic_abs = None
