@@ -273,6 +273,8 @@ def compare(trained: dict, zero_shot: dict, baseline: dict, hyde: dict, metric: 
 
     def paired(other: dict, only=None):
         ids = [i for i in t if i in other and (only is None or i in only)]
+        if len(ids) < 2:  # e.g. no zero-shot answer was well-formed: nothing to pair
+            return {"n": len(ids), "difference": None}
         return paired_bootstrap([t[i] for i in ids], [other[i] for i in ids])
 
     zs = _per_example(zero_shot, metric)
@@ -373,6 +375,9 @@ def summary_markdown(summary: dict) -> str:
     lines += ["", f"## Paired bootstrap 95% CIs of {metric} differences", ""]
     lines += ["| comparison | n | difference | 95% CI | excludes 0 |", "|---|---|---|---|---|"]
     for name, c in summary["comparisons"].items():
+        if c["difference"] is None:
+            lines.append(f"| {name.replace('_', ' ')} | {c['n']} | - | too few pairs | - |")
+            continue
         lines.append(
             f"| {name.replace('_', ' ')} | {c['n']} | {c['difference']:+.4f} | "
             f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] | {'yes' if c['excludes_zero'] else 'no'} |"
