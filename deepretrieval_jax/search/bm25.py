@@ -40,6 +40,7 @@ import asyncio
 import collections
 import dataclasses
 import json
+import logging
 import os
 import re
 import threading
@@ -60,6 +61,9 @@ from deepretrieval_jax.search.base import (
     check_query,
 )
 from deepretrieval_jax.search.manifest import verify_manifest, write_manifest
+
+# bm25s sets its own logger to DEBUG when imported ("Building index from tokens" per index).
+logging.getLogger("bm25s").setLevel(logging.WARNING)
 
 # Lucene's classic English stopword set (EnglishAnalyzer / Anserini default).
 LUCENE_STOPWORDS = (
