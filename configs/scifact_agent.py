@@ -9,7 +9,9 @@ Protocol (docs/tasks.md, "Multi-turn search agent"): the assistant turn is prefi
 `<search>`; the policy writes a query and `</search>`, the harness inserts
 `<information>[1] title: text ...</information>` (top 3, 300 characters each) and the policy
 searches again or writes `<answer>final query</answer>` (a stop string). Inserted tokens are
-masked out of every loss term. `--config.agent.max_turns=1` is the one-turn case.
+masked out of every loss term. `configs/scifact_agent.py:one_turn` is the one-turn case of the
+same machinery (max_turns=1, the turn prefilled with `<answer>`: one query, no search before
+it); `--config.agent.max_turns=1` alone cannot answer, since every rollout starts with a search.
 Expected: not measured yet (issue 17 item 5); one step of 8 claims x 4 samples takes a few
 minutes on a 2-core CPU.
 """
@@ -24,10 +26,14 @@ INSTRUCTION = (
     "results come back in <information>...</information>. You may search up to twice, then "
     "give your best final search query as <answer>query</answer>."
 )
+ONE_TURN_INSTRUCTION = (
+    "Find abstracts that support or refute the claim. Give your best search query as "
+    "<answer>query</answer>."
+)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    common.config_args(arg, (), "configs/scifact_agent.py")
+    args = common.config_args(arg, ("one_turn",), "configs/scifact_agent.py")
     cfg = common.base_config()
     cfg.mesh = common.mesh_config(data=-1)  # pure data parallel over the CPU devices
     cfg.model.preset = ""  # the shape comes from model.hf_path's config.json
@@ -79,4 +85,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.train.checkpoint_every = 10
     cfg.train.max_to_keep = 1
     cfg.train.async_checkpoint = False
+    if "one_turn" in args:  # one query, graded as the final answer: no search, no block
+        cfg.agent.max_turns = 1
+        cfg.data.prompt.instruction = ONE_TURN_INSTRUCTION
+        cfg.data.prompt.assistant_prefix = "<answer>"
+        cfg.sampling.max_new_tokens = 64  # = agent.max_turn_tokens: one turn, no blocks
     return cfg

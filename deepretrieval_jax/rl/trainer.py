@@ -105,7 +105,6 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-
 def _any_process(flag: bool) -> bool:
     """True when `flag` is set on any process (every process gets the same answer)."""
     if jax.process_count() == 1:
@@ -178,6 +177,13 @@ class _Run:
         ]
         texts += [teacher_completion(spec, ex) for ex in [*train_examples, *val_examples]]
         self.spec, self.model_cfg, self.codec = setup.text_setup(cfg, texts=texts)
+        if self.agent is not None and self.agent.max_turns == 1:
+            if spec.assistant_prefix.rstrip().endswith(protocol.SEARCH_OPEN):
+                raise ValueError(
+                    "config.agent.max_turns=1 with data.prompt.assistant_prefix "
+                    f"{spec.assistant_prefix!r}: every rollout would end in a search without "
+                    "an answer (e.g. configs/scifact_agent.py:one_turn prefills '<answer>')"
+                )
         if self.agent is not None:  # its reward task scores whole transcripts
             self.spec = self.spec.replace(
                 reward_task=self.agent.reward_task, reward_opts=self.agent.reward_opts
