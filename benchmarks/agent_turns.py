@@ -201,7 +201,8 @@ def throughput(args) -> list[dict]:
             idle = float((steps - lengths).sum() / (steps * len(lengths)))
             trips, searches = 0, 0.0
             transcripts = [
-                codec.decode(t[: int(n)]) for t, n in zip(np.asarray(out.tokens_BnxL), lengths)
+                codec.decode(t[: int(n)])
+                for t, n in zip(np.asarray(out.tokens_BnxL), lengths, strict=True)
             ]
             answered = float(
                 np.mean(np.asarray(out.finish_reason_Bn) == S.FinishReason.STOP_STRING)
