@@ -55,7 +55,12 @@ def arm_config(args, arm: str):
     cfg.train.val_every = 0  # no validation inside the budget (the eval below measures)
     cfg.train.checkpoint_every = 0  # the final step is saved
     cfg.logging.progress = False
+    # The sampler's fp32 log-probs as PPO's old log-probs: recomputing them is one forward over
+    # the whole batch at once, whose 32 x 770 x 49,152 fp32 logits (4.8 GB, several copies)
+    # took the 3-turn process past 18 GB here (the update itself runs in micro-batches of 4).
+    cfg.ppo.recompute_logprobs = False
     cfg.eval = eval_scifact.eval_config("policy")
+    cfg.eval.batch_size = 32
     cfg.eval.num_examples = args.eval_claims
     cfg.eval.compare_baseline = False
     cfg.eval.concurrency = 1
@@ -84,13 +89,15 @@ def run_arm(args, arm: str) -> None:
     cpu0, wall0 = time.process_time(), time.perf_counter()
     result = trainer.train(cfg, work / "rl")
     cpu_train, wall_train = time.process_time() - cpu0, time.perf_counter() - wall0
+    steps, last = result.step, result.last_metrics
+    del result  # the train state (params, optimiser): the eval restores the checkpoint
     cpu1, wall1 = time.process_time(), time.perf_counter()
     report = eval_lib.run(_eval_cfg(cfg, str(work / "rl")), work / "trained").to_json()
     rows = metrics.read_jsonl(work / "rl" / metrics.JSONL_NAME)
     _, rewards = metrics.series(rows, "reward/mean")
-    agent_train = {k: v for k, v in result.last_metrics.items() if k.startswith("agent/")}
+    agent_train = {k: v for k, v in last.items() if k.startswith("agent/")}
     (work / RESULT).write_text(json.dumps(dict(
-        arm=arm, steps=result.step, budget_minutes=args.cpu_budget_minutes, seed=args.seed,
+        arm=arm, steps=steps, budget_minutes=args.cpu_budget_minutes, seed=args.seed,
         train_cpu_minutes=round(cpu_train / 60, 2), train_wall_minutes=round(wall_train / 60, 2),
         eval_cpu_minutes=round((time.process_time() - cpu1) / 60, 2),
         eval_wall_minutes=round((time.perf_counter() - wall1) / 60, 2),
