@@ -55,10 +55,6 @@ def arm_config(args, arm: str):
     cfg.train.val_every = 0  # no validation inside the budget (the eval below measures)
     cfg.train.checkpoint_every = 0  # the final step is saved
     cfg.logging.progress = False
-    # The sampler's fp32 log-probs as PPO's old log-probs: recomputing them is one forward over
-    # the whole batch at once, whose 32 x 770 x 49,152 fp32 logits (4.8 GB, several copies)
-    # took the 3-turn process past 18 GB here (the update itself runs in micro-batches of 4).
-    cfg.ppo.recompute_logprobs = False
     cfg.eval = eval_scifact.eval_config("policy")
     cfg.eval.batch_size = 32
     cfg.eval.num_examples = args.eval_claims

@@ -74,6 +74,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.ppo.actor_lr = 5e-6
     cfg.ppo.mini_batch_size = 16  # two optimiser updates per step
     cfg.ppo.micro_batch_size = 4  # rows per forward/backward slice (peak memory)
+    # PPO's old log-probs from the (fp32) sampler: recomputing them is one forward over the
+    # whole batch, 32 x 770 x 49,152 fp32 logits at once (over 18 GB of host memory here).
+    cfg.ppo.recompute_logprobs = False
     cfg.train.prompts_per_step = 8  # x n=4 samples = 32 rows per step
     cfg.reward.pool.concurrency = 2  # two cores
     # The rollout's searches and the reward's re-run of them share this cache (in memory +
