@@ -52,6 +52,8 @@ def arm_config(args, arm: str):
     cfg.seed = args.seed
     cfg.train.num_steps = 1000  # the budget ends the run
     cfg.train.cpu_budget_minutes = args.cpu_budget_minutes
+    cfg.train.prompts_per_step = args.prompts_per_step  # x sampling.n = 4 rows per step
+    cfg.ppo.mini_batch_size = min(cfg.ppo.mini_batch_size, args.prompts_per_step * cfg.sampling.n)
     cfg.train.val_every = 0  # no validation inside the budget (the eval below measures)
     cfg.train.checkpoint_every = 0  # the final step is saved
     cfg.logging.progress = False
@@ -114,7 +116,8 @@ def launch_arms(args) -> None:
             continue
         cmd = [sys.executable, __file__, f"--model={args.model}", f"--out={args.out}",
                f"--cpu_budget_minutes={args.cpu_budget_minutes}", f"--seed={args.seed}",
-               f"--eval_claims={args.eval_claims}", f"--arm={arm}"]  # fmt: skip
+               f"--eval_claims={args.eval_claims}", f"--prompts_per_step={args.prompts_per_step}",
+               f"--arm={arm}"]  # fmt: skip
         if shutil.which("taskset") and len(cores) > 1:
             cmd = ["taskset", "-c", str(cores[slot % len(cores)]), *cmd]
         log = open(args.out / f"{arm}.log", "ab")  # noqa: SIM115 - closed with the child
@@ -281,6 +284,7 @@ def main():
     parser.add_argument("--cpu_budget_minutes", type=float, default=8.0, help="(b): per arm")
     parser.add_argument("--eval_claims", type=int, default=100, help="(b): test claims")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompts_per_step", type=int, default=4, help="(b): claims per step")
     parser.add_argument("--arm", default="", help=argparse.SUPPRESS)  # child: run one arm
     args = parser.parse_args()
     args.model, args.out = args.model.resolve(), args.out.resolve()

@@ -73,7 +73,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.ppo.entropy_coef = 0.0
     cfg.ppo.actor_lr = 5e-6
     cfg.ppo.mini_batch_size = 16  # two optimiser updates per step
-    cfg.ppo.micro_batch_size = 4  # rows per forward/backward slice (peak memory)
+    # Rows per forward/backward slice: the peak memory. Without remat a 770-token row's
+    # saved activations and logits take ~4 GB here (micro-batches of 4: over 17 GB, killed).
+    cfg.ppo.micro_batch_size = 1
     # PPO's old log-probs from the (fp32) sampler: recomputing them is one forward over the
     # whole batch, 32 x 770 x 49,152 fp32 logits at once (over 18 GB of host memory here).
     cfg.ppo.recompute_logprobs = False
