@@ -12,11 +12,16 @@ Dense (task scifact_dense; `:dense` or `:policy,dense`), the encoder as a local 
     python launch/eval.py --config=configs/eval_scifact.py:dense --workdir=/tmp/eval_dense \
         --config.reward.search_opts.model=/ckpt/bge-base-en-v1.5   # or "minilm" (packaged)
 The first run encodes the 5,183 abstracts and caches them under $DEEPRETRIEVAL_CACHE_DIR.
+Multi-turn agent (configs/scifact_agent.py; `:agent`, always a policy): rollouts through the
+training's AgentSampler, the final answer scored as the query, and per-turn statistics
+(searches per answer, turns used, result overlap, answered fraction) in the report:
+    python launch/eval.py --config=configs/eval_scifact.py:agent --workdir=/tmp/eval_agent \
+        --config.eval.checkpoint_dir=/tmp/scifact_agent/checkpoints --config.model.hf_path=DIR
 """
 
 import ml_collections
 
-from configs import common, scifact
+from configs import common, scifact, scifact_agent
 
 
 def eval_config(method: str = "original_query") -> ml_collections.ConfigDict:
@@ -41,7 +46,13 @@ def eval_config(method: str = "original_query") -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = common.config_args(arg, ("policy", "dense"), "configs/eval_scifact.py")
+    args = common.config_args(arg, ("policy", "dense", "agent"), "configs/eval_scifact.py")
+    if "agent" in args:
+        cfg = scifact_agent.get_config()
+        cfg.eval = eval_config("policy")
+        cfg.eval.compare_baseline = False  # the baseline: configs/eval_scifact.py alone
+        cfg.reward.search_opts = ml_collections.ConfigDict(dict(k1=1.2, b=0.75, top_k=100))
+        return cfg
     cfg = scifact.get_config("dense" if "dense" in args else None)
     cfg.eval = eval_config("policy" if "policy" in args else "original_query")
     # Eval metrics need the top 100 (Recall@100); training asked for 50 (BM25).

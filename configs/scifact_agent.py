@@ -9,7 +9,9 @@ Protocol (docs/tasks.md, "Multi-turn search agent"): the assistant turn is prefi
 `<search>`; the policy writes a query and `</search>`, the harness inserts
 `<information>[1] title: text ...</information>` (top 3, 300 characters each) and the policy
 searches again or writes `<answer>final query</answer>` (a stop string). Inserted tokens are
-masked out of every loss term. `--config.agent.max_turns=1` is the one-turn case.
+masked out of every loss term. `configs/scifact_agent.py:one_turn` is the one-turn case of the
+same machinery (max_turns=1, the turn prefilled with `<answer>`: one query, no search before
+it); `--config.agent.max_turns=1` alone cannot answer, since every rollout starts with a search.
 Expected: not measured yet (issue 17 item 5); one step of 8 claims x 4 samples takes a few
 minutes on a 2-core CPU.
 """
@@ -24,10 +26,14 @@ INSTRUCTION = (
     "results come back in <information>...</information>. You may search up to twice, then "
     "give your best final search query as <answer>query</answer>."
 )
+ONE_TURN_INSTRUCTION = (
+    "Find abstracts that support or refute the claim. Give your best search query as "
+    "<answer>query</answer>."
+)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    common.config_args(arg, (), "configs/scifact_agent.py")
+    args = common.config_args(arg, ("one_turn",), "configs/scifact_agent.py")
     cfg = common.base_config()
     cfg.mesh = common.mesh_config(data=-1)  # pure data parallel over the CPU devices
     cfg.model.preset = ""  # the shape comes from model.hf_path's config.json
@@ -67,7 +73,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.ppo.entropy_coef = 0.0
     cfg.ppo.actor_lr = 5e-6
     cfg.ppo.mini_batch_size = 16  # two optimiser updates per step
-    cfg.ppo.micro_batch_size = 4  # rows per forward/backward slice (peak memory)
+    # Rows per forward/backward slice: the peak memory. Without remat a 770-token row's
+    # saved activations and logits take ~4 GB here (micro-batches of 4: over 17 GB, killed).
+    cfg.ppo.micro_batch_size = 1
+    # PPO's old log-probs from the (fp32) sampler: recomputing them is one forward over the
+    # whole batch, 32 x 770 x 49,152 fp32 logits at once (over 18 GB of host memory here).
+    cfg.ppo.recompute_logprobs = False
     cfg.train.prompts_per_step = 8  # x n=4 samples = 32 rows per step
     cfg.reward.pool.concurrency = 2  # two cores
     # The rollout's searches and the reward's re-run of them share this cache (in memory +
@@ -79,4 +90,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.train.checkpoint_every = 10
     cfg.train.max_to_keep = 1
     cfg.train.async_checkpoint = False
+    if "one_turn" in args:  # one query, graded as the final answer: no search, no block
+        cfg.agent.max_turns = 1
+        cfg.data.prompt.instruction = ONE_TURN_INSTRUCTION
+        cfg.data.prompt.assistant_prefix = "<answer>"
+        cfg.sampling.max_new_tokens = 64  # = agent.max_turn_tokens: one turn, no blocks
     return cfg

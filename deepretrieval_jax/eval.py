@@ -3,7 +3,10 @@
 Flow: queries (the input itself for the baseline; parsed from the policy's completions
 otherwise) -> the task's search backend (asyncio, bounded concurrency) -> per-example metrics
 (from `rewards.retrieval_metrics`) -> aggregates -> JSON + markdown + PNG (`eval_report`).
-`run(config, workdir)` is the config-driven path behind `launch/eval.py`.
+`run(config, workdir)` is the config-driven path behind `launch/eval.py`. A config with an
+`agent` section evaluates the multi-turn search agent: rollouts through the training's
+`AgentSampler`, the final answer as the query, per-turn statistics in `aggregates["agent"]`
+(`agent/evaluate.py`).
 
 Every example ends in exactly one status, and the rates are reported separately:
   ok             the query ran; metrics computed.
@@ -66,6 +69,7 @@ class EvalRecord:
     error: str | None = None
     top_ids: tuple = ()  # first 10 retrieved ids (for inspection)
     completion: str | None = None
+    turns: dict | None = None  # multi-turn agent: turns, searches, queries, result_overlap
 
 
 def example_metrics(
@@ -227,15 +231,21 @@ def evaluate(
     concurrency: int = 8,
     passages: Mapping | None = None,
     query_from: str = "answer",
+    agent_stats: Callable[[list[str]], tuple[list[dict], dict]] | None = None,
 ) -> EvalReport:
     """Evaluates `method` ("original_query" or "policy" with `generate_fn` and `tokenizer`).
 
     `query_from` (policy): "answer" parses the task's answer format; "completion" uses the whole
     completion text as a bag-of-words query (prompt-only baselines such as HyDE, where the policy
     writes a pseudo-document); an empty completion is a format error.
+    `agent_stats` (policy, multi-turn agent): the completions are transcripts
+    (`agent.protocol`), the final answer is the query, and `agent_stats(transcripts)` gives each
+    record's `turns` and `aggregates["agent"]` (`agent.evaluate.AgentGenerate.statistics`).
     """
     if query_from not in ("answer", "completion"):
         raise ValueError(f"query_from must be 'answer' or 'completion', got {query_from!r}")
+    if agent_stats is not None and query_from != "answer":
+        raise ValueError("the multi-turn agent's query is its final answer (query_from='answer')")
     settings: dict[str, Any] = {
         "backend": spec.backend,
         "index_opts": spec.index_opts(),
@@ -262,7 +272,13 @@ def evaluate(
         completions = list(generate_fn([p.text for p in prompts]))
         if len(completions) != len(prompts):
             raise ValueError(f"generate_fn returned {len(completions)} for {len(prompts)} prompts")
-        if query_from == "completion":
+        if agent_stats is not None:  # transcripts: searches, information blocks, the answer
+            from deepretrieval_jax.agent.protocol import parse_transcript
+
+            transcripts = [parse_transcript(c, spec.assistant_prefix) for c in completions]
+            queries = [t.answer for t in transcripts]
+            errors = [t.error for t in transcripts]
+        elif query_from == "completion":
             queries = [query_syntax.bag_of_words(c).strip() or None for c in completions]
             errors = [None if q else "empty completion" for q in queries]
         else:
@@ -288,12 +304,27 @@ def evaluate(
         records = [
             dataclasses.replace(r, completion=c) for r, c in zip(records, completions, strict=True)
         ]
-    return EvalReport(
-        spec.name, split, method, decode_rec, aggregate(spec, records), records, settings
-    )
+    aggregates = aggregate(spec, records)
+    if method == "policy" and agent_stats is not None:
+        rows, aggregates["agent"] = agent_stats(completions)
+        records = [dataclasses.replace(r, turns=t) for r, t in zip(records, rows, strict=True)]
+    return EvalReport(spec.name, split, method, decode_rec, aggregates, records, settings)
 
 
 # --- Policy decoding ----------------------------------------------------------------------------
+
+
+def left_pad(codec, texts: Sequence[str]):
+    """(tokens, mask) int32 numpy: the encoded texts left-padded with `codec.pad_id`."""
+    import numpy as np
+
+    rows = [codec.encode(t) for t in texts]
+    width = max(len(r) for r in rows)
+    tokens = np.full((len(rows), width), int(codec.pad_id), np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for b, r in enumerate(rows):
+        tokens[b, width - len(r) :], mask[b, width - len(r) :] = r, 1
+    return tokens, mask
 
 
 def policy_generate_fn(
@@ -347,20 +378,11 @@ def policy_generate_fn(
     )  # fmt: skip
     key = jax.random.key(decode.seed)
 
-    def left_pad(texts):
-        rows = [tokenizer.encode(t) for t in texts]
-        width = max(len(r) for r in rows)
-        tokens = np.full((len(rows), width), config.pad_id, np.int32)
-        mask = np.zeros((len(rows), width), np.int32)
-        for b, r in enumerate(rows):
-            tokens[b, width - len(r) :], mask[b, width - len(r) :] = r, 1
-        return tokens, mask
-
     def generate(prompts: list[str]) -> list[str]:
         out: list[str] = []
         bar = progress.bar(len(prompts), "eval: generate", unit="prompt")
         for i in range(0, len(prompts), batch_size):
-            tokens, mask = left_pad(prompts[i : i + batch_size])
+            tokens, mask = left_pad(tokenizer, prompts[i : i + batch_size])
             res = sampler(params, tokens, mask, jax.random.fold_in(key, i // batch_size))
             rows, lengths = np.asarray(res.tokens_BnxL), np.asarray(res.lengths_Bn)
             reasons = np.asarray(res.finish_reason_Bn)
@@ -383,13 +405,13 @@ def policy_generate_fn(
 # --- Config-driven run (launch/eval.py) ---------------------------------------------------------
 
 
-def _policy(cfg, decode: DecodeSpec):
-    """(generate_fn, tokenizer) for the policy in config.eval.checkpoint_dir (a training run's
-    CheckpointManager dir) or else model.hf_path / model.init_checkpoint (`rl.policy_init`)."""
+def policy_params(cfg):
+    """(model config, tokenizer, params, mesh) of the policy in config.eval.checkpoint_dir (a
+    training run's CheckpointManager dir) or else model.hf_path / model.init_checkpoint
+    (`rl.policy_init`); a LoRA run's adapters come merged onto its base (a plain model)."""
     import jax
 
     from deepretrieval_jax import checkpoint, models, sharding
-    from deepretrieval_jax.data import task_data
     from deepretrieval_jax.rl import policy_init, run_tokenizer
 
     model_cfg = policy_init.model_config(cfg)
@@ -419,6 +441,14 @@ def _policy(cfg, decode: DecodeSpec):
         )
     else:
         params = policy_init.load_policy_params(cfg, module, mesh, rules, jax.random.key(cfg.seed))
+    return model_cfg, tokenizer, params, mesh
+
+
+def _policy(cfg, decode: DecodeSpec):
+    """(generate_fn, tokenizer) of the single-turn policy (`policy_params`)."""
+    from deepretrieval_jax.data import task_data
+
+    model_cfg, tokenizer, params, mesh = policy_params(cfg)
     generate = policy_generate_fn(
         model_cfg, params, tokenizer, decode, batch_size=cfg.eval.batch_size,
         prompt_buckets=tuple(cfg.data.prompt_buckets), mesh=mesh,
@@ -433,6 +463,8 @@ def run(cfg, workdir: str | os.PathLike) -> EvalReport:
     from absl import logging
 
     from deepretrieval_jax import eval_report
+    from deepretrieval_jax.agent import harness
+    from deepretrieval_jax.agent.evaluate import agent_policy
     from deepretrieval_jax.config import resolve_data_dir
     from deepretrieval_jax.data import backends, task_data
 
@@ -448,7 +480,18 @@ def run(cfg, workdir: str | os.PathLike) -> EvalReport:
     kwargs: dict[str, Any] = {}
     if spec.family == "evidence":  # answer matching reads the passages' texts
         kwargs["passages"] = backends.task_passages(spec, data_dir)
-    if e.method == "policy":
+    agent = harness.agent_config(cfg) if e.method == "policy" else None
+    if agent is not None:  # multi-turn: the final answer is the query, plus turn statistics
+        if agent.reward_task != "agent_ndcg":
+            raise ValueError(
+                f"config.agent.reward_task={agent.reward_task!r}: the eval CLI scores the "
+                "agent's final answer as a query (BEIR tasks, agent_ndcg); QA answers are "
+                "graded by the reward (agent_qa), not here"
+            )
+        kwargs["generate_fn"], kwargs["tokenizer"], kwargs["agent_stats"] = agent_policy(
+            cfg, decode, agent, spec, backend, search_opts, data_dir
+        )
+    elif e.method == "policy":
         kwargs["generate_fn"], kwargs["tokenizer"] = _policy(cfg, decode)
     logging.info(
         "Evaluating %s on %s/%s (%d examples)", e.method, spec.name, e.split, len(examples)
@@ -459,6 +502,8 @@ def run(cfg, workdir: str | os.PathLike) -> EvalReport:
         search_opts=search_opts, concurrency=e.concurrency,
         query_from=e.get("query_from", "answer"), **kwargs,
     )  # fmt: skip
+    if agent is not None:
+        report.settings["agent"] = dataclasses.asdict(agent)
     if index_overrides:
         report.settings["index_opts"] = {**spec.index_opts(), **index_overrides}
     mirror = workdir_lib.Mirror(workdir)  # reports are local files, copied to a gs:// workdir

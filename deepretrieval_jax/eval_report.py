@@ -37,7 +37,12 @@ def markdown_table(report: EvalReport) -> str:
         + " | ".join(vals)
         + f" | {r['format_error_rate']:.3f} | {r['rejected_rate']:.3f} | {r['backend_error_rate']:.3f} |"
     )
-    return "\n".join([head, sep, row]) + "\n"
+    lines = [head, sep, row]
+    if "agent" in agg:  # the multi-turn agent's per-turn statistics
+        from deepretrieval_jax.agent.evaluate import summary_line
+
+        lines += ["", summary_line(agg["agent"])]
+    return "\n".join(lines) + "\n"
 
 
 def plot_histograms(report: EvalReport, path: str | os.PathLike) -> None:

@@ -118,3 +118,150 @@ def test_inserted_tokens_get_no_gradient_in_any_loss_term(scripted):
     assert inserted.sum() > 6 + 4 + 5 and gen.sum() > 0  # the prompts and the 3 inserted tokens
     assert np.all(per_token[~gen] == 0) and np.all(per_value[~gen] == 0)
     assert np.all(per_token[gen] > 0) and np.all(per_value[gen] > 0)
+
+
+# ------------------------------------------------------------------ AgentSampler end to end
+# A toy vocabulary for the tiny random model: ids 3..98 are the bytes \n and 32..126, 99..139
+# close a search, 140..149 close an answer, 150..255 decode to nothing; 1 and 2 are EOS. A
+# random model then closes a search every ~6 tokens: rows wait at different steps.
+CHARS = [10, *range(32, 127)]
+PIECES = [b""] * 3 + [bytes([c]) for c in CHARS] + [b"</search>"] * 41 + [b"</answer>"] * 10
+PIECES += [b""] * (256 - len(PIECES))
+
+
+class ToyCodec:
+    pad_id, eos_ids = 0, (1, 2)
+
+    def encode(self, text):
+        return [3 + CHARS.index(b) if b in CHARS else 3 for b in text.encode()]
+
+    def decode(self, ids):
+        return b"".join(PIECES[int(i)] for i in ids).decode("utf-8", "replace")
+
+
+def _agent_setup(n_prompts=4):
+    from deepretrieval_jax.sampling import TokenBytes
+
+    config = ModelConfig.tiny(dtype="float32", remat=False)
+    params = tiny_models.random_params(CausalLM(config), config, seed=3)
+    rng = np.random.default_rng(1)
+    tokens, mask = np.zeros((n_prompts, 7), np.int32), np.zeros((n_prompts, 7), np.int32)
+    for r in range(n_prompts):
+        k = 3 + r % 5
+        tokens[r, 7 - k :], mask[r, 7 - k :] = rng.integers(3, 99, k), 1
+    return config, params, tokens, mask, TokenBytes.from_byte_strings(PIECES)
+
+
+def _real(out, r):
+    """Row r's real tokens (compacted) and their generated flags / log-probs."""
+    m = np.asarray(out.mask_BnxL)[r].astype(bool)
+    pick = lambda x: np.asarray(x)[r][m]  # noqa: E731
+    return (pick(out.tokens_BnxL), pick(out.generated_BnxL), pick(out.logprobs_BnxL),
+            pick(out.sampling_logprobs_BnxL))  # fmt: skip
+
+
+def test_agent_sampler_with_one_turn_equals_the_plain_sampler():
+    """max_turns=1: the same tokens and log-probs as `Sampler` whose `stop` holds the tool stop
+    and whose per-turn limit is the agent's. Differences, by design: a row that closes
+    `</search>` ends with FinishReason.TOOL_CALL (plain: STOP_STRING), and its last token sits
+    one inserted block (I columns) further right in the buffer (the agent's insertion moves
+    the pending token even for a row it ends), so rows are compared on their real tokens."""
+    from deepretrieval_jax.agent.decode import AgentSampler
+    from deepretrieval_jax.agent.protocol import AgentConfig
+
+    config, params, tokens, mask, tb = _agent_setup()
+    fns = S.causal_lm_fns(config)
+    base = S.SamplingConfig(method="sample", temperature=0.9, max_new_tokens=40, n=2,
+                            eos_ids=(1, 2), pad_id=0, stop=("</answer>",))  # fmt: skip
+    agent = AgentConfig(max_turns=1, info_max_tokens=8, max_turn_tokens=12)
+
+    def no_search(queries):
+        raise AssertionError(f"max_turns=1 must not search, got {queries}")
+
+    sampler = AgentSampler(
+        fns, dataclasses.replace(base, tool_stop=("</search>",)), agent, codec=ToyCodec(),
+        search_fn=no_search, token_bytes=tb,
+    )  # fmt: skip
+    plain = S.Sampler(
+        fns, dataclasses.replace(base, stop=("</answer>", "</search>"), max_turn_tokens=12),
+        token_bytes=tb,
+    )  # fmt: skip
+    key = jax.random.key(5)
+    out, stats = sampler(params, tokens, mask, key)
+    ref = plain(params, tokens, mask, key)
+    reasons, ref_reasons = np.asarray(out.finish_reason_Bn), np.asarray(ref.finish_reason_Bn)
+    F = S.FinishReason
+    assert F.TOOL_CALL in reasons and F.MAX_TOKENS in reasons  # both kinds of ending occur
+    expected = np.where(ref_reasons == F.STOP_STRING, F.TOOL_CALL, ref_reasons)
+    ended_on_answer = [  # a row may also stop on </answer>: STOP_STRING in both
+        r for r in range(len(reasons)) if PIECES[int(_real(ref, r)[0][-1])] == b"</answer>"
+    ]
+    expected[ended_on_answer] = F.STOP_STRING
+    np.testing.assert_array_equal(reasons, expected)
+    np.testing.assert_array_equal(np.asarray(out.lengths_Bn), np.asarray(ref.lengths_Bn))
+    for r in range(len(reasons)):
+        tok, gen, lp, slp = _real(out, r)
+        rtok, rgen, rlp, rslp = _real(ref, r)
+        np.testing.assert_array_equal(tok, rtok)
+        assert gen.all() and rgen.all()  # nothing inserted: every real token is generated
+        np.testing.assert_allclose(lp, rlp, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(slp, rslp, atol=1e-5, rtol=0)
+    assert stats.searches_R.sum() == 0 and (stats.turns_R == 1).all()
+    assert stats.inserted_tokens == 0
+
+
+def test_exit_waiting_fraction_below_one_lets_rows_decode_across_an_insertion():
+    """exit_waiting_fraction=0.25: the loop leaves as soon as 2 of 8 rows wait, the harness
+    searches for them while the other rows' pending tokens move through the insertion, and
+    every generated token's log-prob still equals a full forward pass (1e-5)."""
+    from deepretrieval_jax.agent.decode import AgentSampler
+    from deepretrieval_jax.agent.protocol import AgentConfig
+
+    config, params, tokens, mask, tb = _agent_setup()
+    cfg = S.SamplingConfig(method="sample", temperature=1.0, max_new_tokens=136, n=2,
+                           eos_ids=(1, 2), pad_id=0, stop=("</answer>",),
+                           tool_stop=("</search>",))  # fmt: skip
+    calls = []
+
+    def search(queries):
+        calls.append(len(queries))
+        return [("ok", [("d1", "T", "some text")])] * len(queries)
+
+    def run(fraction):
+        agent = AgentConfig(max_turns=3, info_max_tokens=40, max_turn_tokens=16,
+                            exit_waiting_fraction=fraction, doc_chars=12)  # fmt: skip
+        sampler = AgentSampler(S.causal_lm_fns(config), cfg, agent, codec=ToyCodec(),
+                               search_fn=search, token_bytes=tb)  # fmt: skip
+        decoding = []  # rows still decoding (not done) when an insertion is made
+        resume = sampler._resume
+
+        def spy(params, state, *args):
+            decoding.append(int(jnp.sum(~state.done_Bn)))
+            return resume(params, state, *args)
+
+        sampler._resume = spy
+        calls.clear()
+        out, stats = sampler(params, tokens, mask, jax.random.key(2))
+        return out, stats, decoding, list(calls)
+
+    out, stats, decoding, calls_early = run(0.25)
+    _, stats_all, decoding_all, calls_all = run(1.0)
+    assert max(decoding) > 0  # some insertion happened while other rows were decoding
+    assert max(decoding_all) == 0  # fraction 1: only when every row waits or has finished
+    assert stats.round_trips > stats_all.round_trips and len(calls_early) > len(calls_all)
+    assert stats.searches_R.sum() > 0 and stats.inserted_tokens > 0
+    batch = rollout.assemble_batch(tokens, mask, out, n=2)
+    logits, _ = jax.jit(CausalLM(config).apply)(
+        {"params": params}, batch.tokens_BxT, batch.positions_BxT, batch.mask_BxT
+    )
+    full_logp, _ = aligned_logp_entropy(logits, batch.tokens_BxT, with_entropy=False)
+    gen = np.asarray(batch.response_mask_BxT, bool)
+    inserted = np.asarray(batch.mask_BxT, bool) & ~gen
+    assert inserted[:, 7:].sum() == stats.inserted_tokens  # the blocks are real, not actions
+    # Some row generated after an insertion (generated tokens follow inserted ones).
+    after = [np.any(gen[r, 7:][np.argmax(inserted[r, 7:]) :]) for r in range(len(gen))
+             if inserted[r, 7:].any()]  # fmt: skip
+    assert any(after)
+    np.testing.assert_allclose(
+        np.asarray(batch.old_logp_BxT)[gen], np.asarray(full_logp)[gen], atol=1e-5, rtol=0
+    )

@@ -121,3 +121,13 @@ def test_agent_trains_end_to_end_with_searches_between_turns(policy_dir, tmp_pat
     assert m["ppo/response_len_mean"] == len(SEARCH) + len(ANSWER)  # one token per character
     assert m["agent/inserted_tokens_mean"] > 31  # the block's tags alone are 31 tokens
     assert np.isfinite(m["ppo/grad_norm_actor"]) and m["ppo/grad_norm_actor"] > 0
+
+
+def test_one_turn_with_a_search_prefix_is_rejected(policy_dir, tmp_path):
+    cfg = agent_config(policy_dir)
+    cfg.agent.max_turns = 1
+    cfg.data.prompt.assistant_prefix = "<search>"
+    ex = fx.examples()
+    with pytest.raises(ValueError, match="max_turns=1"):
+        trainer.train(cfg, tmp_path / "run", train_examples=ex, val_examples=ex,
+                      backend=fx.backend())  # fmt: skip

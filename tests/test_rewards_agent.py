@@ -148,3 +148,15 @@ def test_ndcg_reward_of_the_final_query_or_of_the_union():
     assert _score(final, "garbage", label, search).reward == final.config.format_bad
     with pytest.raises(ValueError, match="source"):
         make_task("agent_ndcg", {"source": "best"})
+
+
+def test_result_overlap_of_the_shown_results():
+    from deepretrieval_jax.rewards.agent import result_overlap
+
+    assert result_overlap([["a", "b", "c"], ["d", "e", "f"]], 3) == 0.0
+    assert result_overlap([["a", "b", "c"], ["c", "b", "a"]], 3) == 0.5  # 3 of 6 new
+    assert result_overlap([["a", "b", "x"], ["a", "b", "y"]], 2) == 0.5  # only the top 2 shown
+    assert result_overlap([["a"], ["a"], ["a"]], 3) == pytest.approx(2 / 3)
+    assert result_overlap([[], []], 3) == 0.0
+    with pytest.raises(ValueError, match="two or more"):
+        result_overlap([["a"]], 3)

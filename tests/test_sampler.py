@@ -233,7 +233,7 @@ def reference(config: SamplingConfig, probs=PROBS, top_p_extra=0, min_p_absolute
 
 
 def empirical(config: SamplingConfig, seed=0):
-    from deepretrieval_jax.sampler import _choose
+    from deepretrieval_jax.decode_loop import choose as _choose
 
     logits_BxV = jnp.tile(jnp.log(jnp.asarray(PROBS, jnp.float32)), (DRAWS, 1))
     tokens, raw_lp, samp_lp = jax.jit(_choose, static_argnames="config")(

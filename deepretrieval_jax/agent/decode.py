@@ -32,10 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deepretrieval_jax import decode_loop, sampling
 from deepretrieval_jax import sampler as sampler_lib
-from deepretrieval_jax import sampling
 from deepretrieval_jax.agent import protocol
-from deepretrieval_jax.sampler import FinishReason, LoopState, SampleOutput
+from deepretrieval_jax.decode_loop import FinishReason, LoopState, SampleOutput
 
 # queries -> per query ("ok", [(id, title, text), ...]) | ("rejected", msg) | ("error", msg)
 SearchFn = Callable[[Sequence[str]], list[tuple[str, object]]]
@@ -48,8 +48,8 @@ def inject(
     info_mask_BnxI: jax.Array,
     finish_Bn: jax.Array,
     *,
-    model_fns: sampler_lib.ModelFns,
-    config: sampler_lib.SamplingConfig,
+    model_fns: decode_loop.ModelFns,
+    config: decode_loop.SamplingConfig,
     token_bytes=None,
 ) -> LoopState:
     """Write each row's pending token + inserted tokens (right-aligned in I + 1 columns) onto the
@@ -108,7 +108,7 @@ def inject(
         idle_steps=state.idle_steps + jnp.sum(done_Bn).astype(jnp.int32),
         decode_steps=state.decode_steps + 1,
     )
-    return sampler_lib._record(state, config, token_bytes)
+    return decode_loop.record(state, config, token_bytes)
 
 
 @flax.struct.dataclass
@@ -134,7 +134,7 @@ class AgentSampler(sampler_lib.Sampler):
     def __init__(
         self,
         model_fns,
-        config: sampler_lib.SamplingConfig,
+        config: decode_loop.SamplingConfig,
         agent: protocol.AgentConfig,
         *,
         codec,
@@ -156,14 +156,14 @@ class AgentSampler(sampler_lib.Sampler):
         def start(params, tokens, mask, rng, token_bytes, exit_waiting):
             self.trace_count += 1
             kw = dict(static, token_bytes=token_bytes)
-            state = sampler_lib.prefill(params, tokens, mask, rng, **kw)
-            return sampler_lib.decode(params, state, exit_waiting=exit_waiting, **kw)
+            state = decode_loop.prefill(params, tokens, mask, rng, **kw)
+            return decode_loop.decode(params, state, exit_waiting=exit_waiting, **kw)
 
         def resume(params, state, info, info_mask, finish, token_bytes, exit_waiting):
             self.trace_count += 1
             kw = dict(static, token_bytes=token_bytes)
             state = inject(params, state, info, info_mask, finish, **kw)
-            return sampler_lib.decode(params, state, exit_waiting=exit_waiting, **kw)
+            return decode_loop.decode(params, state, exit_waiting=exit_waiting, **kw)
 
         self._start = jax.jit(start)
         self._resume = jax.jit(resume, donate_argnums=(1,))

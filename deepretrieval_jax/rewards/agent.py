@@ -69,6 +69,17 @@ def interleave(rankings: Sequence[Sequence[Any]]) -> list[Any]:
     return rm.dedupe(out)
 
 
+def result_overlap(rankings: Sequence[Sequence[Any]], shown: int) -> float:
+    """How much the shown results (top `shown` of each ranking) repeat across searches:
+    1 - |union| / sum of sizes. 0 = every search showed new documents; with two searches
+    showing the same 3 documents, 0.5; searches that showed nothing, 0. Needs two or more rankings."""
+    if len(rankings) < 2:
+        raise ValueError(f"result_overlap needs two or more rankings, got {len(rankings)}")
+    sets = [{str(i) for i in r[:shown]} for r in rankings]
+    total = sum(map(len, sets))
+    return 1.0 - len(set().union(*sets)) / total if total else 0.0  # nothing shown: no repeats
+
+
 @dataclasses.dataclass(frozen=True)
 class AgentConfig(TaskConfig):
     format_ok: float = 0.1  # a well-formed transcript with a final answer
@@ -132,10 +143,8 @@ class _AgentTask(TaskReward):
         run = [r for r in searched.results if isinstance(r, list)]
         bad = len(searched.results) - len(run)
         metrics = {"searches": float(len(searched.results)), "bad_turns": float(bad)}
-        if len(run) > 1:  # how much the searches' shown results overlap (0 = all new)
-            shown = [{str(i) for i in r[: c.shown]} for r in run]
-            union = set().union(*shown)
-            metrics["result_overlap"] = 1.0 - len(union) / max(sum(map(len, shown)), 1)
+        if len(run) > 1:
+            metrics["result_overlap"] = result_overlap(run, c.shown)
         return c.search_cost * len(run) + c.bad_turn * bad, metrics
 
     def shown_ids(self, searched: Searched) -> list:

@@ -181,6 +181,13 @@ class _Run:
         self.spec, self.model_cfg = spec, policy_init.model_config(cfg)
         tok = run_tokenizer.load_tokenizer(cfg, self.model_cfg)
         self.codec = tok  # text <-> model ids: the model speaks the tokenizer's ids
+        if self.agent is not None and self.agent.max_turns == 1:
+            if spec.assistant_prefix.rstrip().endswith(protocol.SEARCH_OPEN):
+                raise ValueError(
+                    "config.agent.max_turns=1 with data.prompt.assistant_prefix "
+                    f"{spec.assistant_prefix!r}: every rollout would end in a search without "
+                    "an answer (e.g. configs/scifact_agent.py:one_turn prefills '<answer>')"
+                )
         if self.agent is not None:  # its reward task scores whole transcripts
             self.spec = self.spec.replace(
                 reward_task=self.agent.reward_task, reward_opts=self.agent.reward_opts
