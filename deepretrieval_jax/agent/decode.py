@@ -237,15 +237,7 @@ class AgentSampler(sampler_lib.Sampler):
             with self.mesh_context():
                 state = self._resume(params, state, *args, token_bytes, exit_waiting)
         idle, steps = int(state.idle_steps), int(state.decode_steps)
-        out = SampleOutput(
-            tokens_BnxL=state.tokens_BnxL,
-            mask_BnxL=state.mask_BnxL,
-            lengths_Bn=state.lengths_Bn,
-            finish_reason_Bn=state.reason_Bn,
-            logprobs_BnxL=state.logprobs_BnxL,
-            sampling_logprobs_BnxL=state.sampling_logprobs_BnxL,
-            generated_BnxL=state.generated_BnxL,
-        )
+        out = decode_loop.output(state)
         if total != real and self.make_global is None:
             out = jax.tree.map(lambda x: x[:real], out)
         stats = TurnStats(
