@@ -27,8 +27,15 @@ def test_phases_are_timed_in_dispatch_order_and_summed_by_name():
     assert sum(seconds.values()) <= wall  # phases do not overlap in the accounting
 
 
-def test_step_phase_log_writes_step_one_then_a_mean_line_per_tenth(caplog):
+def test_step_phase_log_writes_step_one_then_a_mean_line_per_tenth(caplog, request):
+    from absl import logging
+
     from deepretrieval_jax.rl.phases import StepPhaseLog
+
+    # A test that parsed absl flags earlier in this worker leaves absl at WARNING.
+    previous = logging.get_verbosity()
+    logging.set_verbosity(logging.INFO)
+    request.addfinalizer(lambda: logging.set_verbosity(previous))
 
     log = StepPhaseLog(num_steps=25)  # every 2 steps; step 1 compiles, so it has its own line
     times = {"time/generate_s": 1.0, "time/reward_wait_s": 0.5, "time/update_s": 2.0}

@@ -150,10 +150,10 @@ def test_plan_rejects_bad_points(tmp_path, points, message):
 
 def test_plan_resolves_configs_as_train_sees_them(tmp_path):
     points = hyper.product(
-        hyper.sweep("ppo.actor_lr", [3e-5]), hyper.sweep("data.prompt_buckets", [(128, 256)])
+        hyper.sweep("ppo.actor_lr", [3e-5]), hyper.sweep("data.prompt_buckets", [(384, 512)])
     )
     (run,) = hyper.plan(DEMO, points, tmp_path, extra=["train.num_steps=5"])
-    assert run.config.ppo.actor_lr == 3e-5 and run.config.data.prompt_buckets == (128, 256)
+    assert run.config.ppo.actor_lr == 3e-5 and run.config.data.prompt_buckets == (384, 512)
     assert run.total_steps == 5 and run.workdir == tmp_path / points[0].dirname
     with pytest.raises(hyper.SweepError, match="both a shared override and swept"):
         hyper.plan(DEMO, points, tmp_path, extra=["ppo.actor_lr=1e-3"])
