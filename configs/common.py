@@ -231,9 +231,13 @@ def train_config() -> ml_collections.ConfigDict:
             max_to_keep=3,  # checkpoints kept
             async_checkpoint=True,  # write checkpoints in the background
             log_samples=4,  # completions logged as text at each validation
-            # Equal-compute comparisons: stop (checkpointing) after the first step at which this
-            # process's CPU time in the loop (all threads: sampler, update, BM25) exceeds it.
+            # Equal-compute comparisons: stop (checkpointing) at a step boundary once this
+            # process's CPU time in the loop (all threads: sampler, update, BM25) reaches it.
             cpu_budget_minutes=0.0,  # minutes of CPU time; 0 = run all num_steps
+            # "after": after the first step that exceeds the budget (overshoots by up to a
+            # step); "nearest": at the boundary nearest the budget, the next step's CPU time
+            # estimated as the last one's (for arms whose steps cost very different amounts).
+            cpu_budget_stop="after",
         )
     )
 

@@ -79,11 +79,16 @@ class TrainConfig:
     async_checkpoint: bool = True  # background checkpoint writes
     prompts_per_step: int = 64  # global prompts per PPO step
     log_samples: int = 4  # completions logged as text per validation
-    cpu_budget_minutes: float = 0.0  # stop after the step that exceeds this CPU time (0 = off)
+    cpu_budget_minutes: float = 0.0  # stop at a step boundary once this CPU time is spent (0 = off)
+    cpu_budget_stop: str = "after"  # "after": the step crossing the budget | "nearest" boundary
 
     def __post_init__(self):
         _positive("train", num_steps=self.num_steps, max_to_keep=self.max_to_keep)
         _non_negative("train", cpu_budget_minutes=self.cpu_budget_minutes)
+        if self.cpu_budget_stop not in ("after", "nearest"):
+            raise ValueError(
+                f"train.cpu_budget_stop must be 'after' or 'nearest', got {self.cpu_budget_stop!r}"
+            )
         _positive("train", prompts_per_step=self.prompts_per_step)
         _non_negative("train", val_every=self.val_every, checkpoint_every=self.checkpoint_every)
         _non_negative("train", log_samples=self.log_samples)

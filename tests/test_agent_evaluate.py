@@ -5,10 +5,7 @@ printed table)."""
 
 import json
 
-import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import pytest
 import tiny_models
 import trainer_fixtures as fx
@@ -18,55 +15,15 @@ from deepretrieval_jax import eval as ev
 from deepretrieval_jax import eval_report
 from deepretrieval_jax import sampler as sampler_lib
 from deepretrieval_jax.agent.evaluate import turn_aggregates
-from deepretrieval_jax.sampler import ModelFns
 
-# Rows whose prompt holds "Z" answer at once; the others search twice, then answer.
 SEARCHING = ["<search>aspirin colorectal</search>", "<search>aspirin cancer</search>",
              "<answer>aspirin colorectal cancer</answer>"]  # fmt: skip
 DIRECT = ["<answer>statins cholesterol</answer>"]
-BYTES = [9, 10, *range(32, 127)]  # tiny_models.save_tiny_tokenizer: id = 3 + index
-V = 256  # ModelConfig.tiny's vocabulary
 
 
-def ids(text):
-    return [3 + BYTES.index(b) for b in text.encode()]
-
-
-def scripted_fns() -> ModelFns:
-    """Next token = script[s][k][j]: s = 1 if the row's tokens hold "Z", k = information blocks
-    seen ('<i' pairs), j = real tokens since the last newline; <|im_end|> after a script."""
-    scripts = [SEARCHING, DIRECT + DIRECT * 2]
-    width = max(len(ids(t)) for s in scripts for t in s) + 1
-    table = np.full((2, 3, width), 2, np.int32)
-    for s, script in enumerate(scripts):
-        for k, text in enumerate(script):
-            table[s, k, : len(ids(text))] = ids(text)
-    table = jnp.asarray(table)
-    nl, lt, i_, q = ids("\n")[0], ids("<")[0], ids("i")[0], ids("Z")[0]
-
-    def apply(params, tokens_BxT, positions_BxT, mask_BxT, cache):
-        del params, positions_BxT
-        index = cache["index"]
-        toks = jax.lax.dynamic_update_slice(cache["tokens"], tokens_BxT, (0, index))
-        mask = jax.lax.dynamic_update_slice(cache["mask"], mask_BxT > 0, (0, index))
-        slots = jnp.arange(toks.shape[1])[None, :]
-        last_nl = jnp.max(jnp.where((toks == nl) & mask, slots, -1), axis=1, keepdims=True)
-        j = jnp.sum(mask & (slots > last_nl), axis=1)
-        pairs = (toks[:, :-1] == lt) & (toks[:, 1:] == i_) & mask[:, :-1] & mask[:, 1:]
-        k = jnp.minimum(jnp.sum(pairs, axis=1), 2)
-        s = jnp.any((toks == q) & mask, axis=1).astype(jnp.int32)
-        nxt = table[s, k, jnp.minimum(j, width - 1)]
-        logits = 30.0 * jax.nn.one_hot(nxt, V)[:, None, :]
-        return logits, {"tokens": toks, "mask": mask, "index": index + tokens_BxT.shape[1]}
-
-    def init_cache(batch, max_len):
-        return {
-            "tokens": jnp.zeros((batch, max_len), jnp.int32),
-            "mask": jnp.zeros((batch, max_len), jnp.bool_),
-            "index": jnp.zeros((), jnp.int32),
-        }
-
-    return ModelFns(apply, init_cache)
+def scripted_fns():
+    """Rows whose prompt holds "Z" answer at once; the others search twice, then answer."""
+    return tiny_models.scripted_agent_fns([SEARCHING, DIRECT], marker="Z")
 
 
 @pytest.fixture(scope="module")

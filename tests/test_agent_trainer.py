@@ -2,8 +2,6 @@
 reads the inserted results and answers; the reward is positive and PPO updates the tiny model
 on the generated tokens only."""
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -12,56 +10,14 @@ import trainer_fixtures as fx
 
 from configs import common
 from deepretrieval_jax.rl import trainer
-from deepretrieval_jax.sampler import ModelFns
 
 SEARCH = "<search>aspirin colorectal</search>"
 ANSWER = "<answer>aspirin colorectal cancer</answer>"
-BYTES = [9, 10, *range(32, 127)]  # tiny_models.save_tiny_tokenizer: id = 3 + index
-V = 256  # ModelConfig.tiny's vocabulary
 
 
-def ids(text):
-    return [3 + BYTES.index(b) for b in text.encode()]
-
-
-def scripted_fns() -> ModelFns:
-    """Writes SEARCH in the first turn and ANSWER after an information block, then <|im_end|>.
-    The next token is script[k][j]: k = information blocks seen ('<i' pairs in the cache), j =
-    real tokens since the last newline (the prompt and every block end with one)."""
-    scripts = [ids(SEARCH), ids(ANSWER)]
-    width = max(map(len, scripts)) + 1
-    table = np.full((2, width), 2, np.int32)  # 2 = <|im_end|> after the script
-    for k, s in enumerate(scripts):
-        table[k, : len(s)] = s
-    table = jnp.asarray(table)
-    nl, lt, i_ = ids("\n")[0], ids("<")[0], ids("i")[0]
-
-    def apply(params, tokens_BxT, positions_BxT, mask_BxT, cache):
-        del params, positions_BxT
-        index = cache["index"]
-        toks = jax.lax.dynamic_update_slice(cache["tokens"], tokens_BxT, (0, index))
-        mask = jax.lax.dynamic_update_slice(cache["mask"], mask_BxT > 0, (0, index))
-        slots = jnp.arange(toks.shape[1])[None, :]
-        last_nl = jnp.max(jnp.where((toks == nl) & mask, slots, -1), axis=1, keepdims=True)
-        j = jnp.sum(mask & (slots > last_nl), axis=1)
-        pairs = (toks[:, :-1] == lt) & (toks[:, 1:] == i_) & mask[:, :-1] & mask[:, 1:]
-        k = jnp.minimum(jnp.sum(pairs, axis=1), 1)
-        nxt = table[k, jnp.minimum(j, width - 1)]
-        logits = 30.0 * jax.nn.one_hot(nxt, V)[:, None, :]
-        return logits, {"tokens": toks, "mask": mask, "index": index + tokens_BxT.shape[1]}
-
-    def init_cache(batch, max_len):
-        return {
-            "tokens": jnp.zeros((batch, max_len), jnp.int32),
-            "mask": jnp.zeros((batch, max_len), jnp.bool_),
-            "index": jnp.zeros((), jnp.int32),
-        }
-
-    def repeat(cache, n):
-        return {**cache, "tokens": jnp.repeat(cache["tokens"], n, 0),
-                "mask": jnp.repeat(cache["mask"], n, 0)}  # fmt: skip
-
-    return ModelFns(apply, init_cache, repeat)
+def scripted_fns():
+    """Writes SEARCH in the first turn and ANSWER after an information block, then <|im_end|>."""
+    return tiny_models.scripted_agent_fns([[SEARCH, ANSWER]])
 
 
 @pytest.fixture(scope="module")

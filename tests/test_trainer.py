@@ -13,6 +13,7 @@ import pytest
 import trainer_fixtures as fx
 
 from deepretrieval_jax import checkpoint, metrics
+from deepretrieval_jax.config import TrainConfig
 from deepretrieval_jax.rl import rollout, sft, trainer
 
 NUM_STEPS = 2
@@ -109,10 +110,28 @@ def test_sigterm_then_resume_is_bitwise_identical(full_run, tmp_path, monkeypatc
 def test_cpu_budget_stops_after_the_step_that_spends_it_and_checkpoints(tmp_path, capsys):
     result = _train(tmp_path, num_steps=5, train__cpu_budget_minutes=1e-9)
     assert result.step == 1 and not result.preempted
-    assert "CPU budget of 1e-09 min spent after step 1" in capsys.readouterr().out
+    assert "CPU budget of 1e-09 min spent at step 1" in capsys.readouterr().out
     mgr = checkpoint.CheckpointManager(tmp_path / "checkpoints", async_save=False)
     assert mgr.latest_step() == 1
     mgr.close()
+
+
+def test_cpu_budget_stops_after_the_crossing_step_or_at_the_nearest_boundary():
+    after, nearest = (TrainConfig(cpu_budget_stop=r) for r in ("after", "nearest"))
+    budget = 600.0
+    # Steps of 100 s: "after" stops past the budget; "nearest" stops when the next step would
+    # end farther above it than the spend now is below it (a tie stops).
+    assert [trainer.budget_spent(u, 100.0, budget, after) for u in (500, 600, 601)] == [
+        False, False, True,
+    ]  # fmt: skip
+    assert [trainer.budget_spent(u, 100.0, budget, nearest) for u in (540, 550, 560)] == [
+        False, True, True,
+    ]  # fmt: skip
+    # A 400 s step at 350 s spent: one more would end at 750 (150 over) vs 250 under: go on.
+    assert not trainer.budget_spent(350.0, 400.0, budget, nearest)
+    assert trainer.budget_spent(401.0, 400.0, budget, nearest)
+    with pytest.raises(ValueError, match="cpu_budget_stop"):
+        TrainConfig(cpu_budget_stop="closest")
 
 
 def test_overlong_filter_masks_exactly_the_truncated_rows_out_of_the_update(tmp_path):

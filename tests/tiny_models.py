@@ -17,6 +17,7 @@ import numpy as np
 from flax import linen as nn
 
 from deepretrieval_jax.models import ModelConfig
+from deepretrieval_jax.sampler import ModelFns
 
 TINY_HF_DIMS = dict(
     vocab_size=256,
@@ -121,6 +122,62 @@ def random_params(model: nn.Module, config: ModelConfig, seed: int = 0, scale: f
     )
 
 
+TINY_TOKENIZER_BYTES = [9, 10, *range(32, 127)]  # save_tiny_tokenizer: byte b has id 3 + index
+
+
+def tiny_token_ids(text: str) -> list[int]:
+    """`text` in `save_tiny_tokenizer`'s ids (one id per byte; printable ASCII, tab, newline)."""
+    return [3 + TINY_TOKENIZER_BYTES.index(b) for b in text.encode()]
+
+
+def scripted_agent_fns(scripts, vocab_size: int = 256, marker: str | None = None):
+    """A cache-carrying `sampler.ModelFns` that plays a multi-turn agent from fixed text: the
+    next token is scripts[s][k][j], with s = 1 when `marker` occurs among the row's tokens (else
+    0), k = information blocks seen so far ('<i' pairs, capped at the script's last turn), j =
+    real tokens since the last newline (the prompt and every inserted block end with one);
+    <|im_end|> (id 2) after a turn's text. The cache holds the tokens themselves, so prefill,
+    decode steps and inserted blocks all drive it like the real model's KV cache."""
+    encoded = [[tiny_token_ids(t) for t in script] for script in scripts]
+    turns = max(map(len, encoded))
+    width = max(len(t) for s in encoded for t in s) + 1
+    table = np.full((len(encoded), turns, width), 2, np.int32)
+    for s, script in enumerate(encoded):
+        for k in range(turns):
+            text = script[min(k, len(script) - 1)]
+            table[s, k, : len(text)] = text
+    table = jnp.asarray(table)
+    nl, lt, i_ = (tiny_token_ids(c)[0] for c in "\n<i")
+    mark = None if marker is None else tiny_token_ids(marker)[0]
+
+    def apply(params, tokens_BxT, positions_BxT, mask_BxT, cache):
+        del params, positions_BxT
+        index = cache["index"]
+        toks = jax.lax.dynamic_update_slice(cache["tokens"], tokens_BxT, (0, index))
+        mask = jax.lax.dynamic_update_slice(cache["mask"], mask_BxT > 0, (0, index))
+        slots = jnp.arange(toks.shape[1])[None, :]
+        last_nl = jnp.max(jnp.where((toks == nl) & mask, slots, -1), axis=1, keepdims=True)
+        j = jnp.sum(mask & (slots > last_nl), axis=1)
+        pairs = (toks[:, :-1] == lt) & (toks[:, 1:] == i_) & mask[:, :-1] & mask[:, 1:]
+        k = jnp.minimum(jnp.sum(pairs, axis=1), turns - 1)
+        s = jnp.zeros_like(k) if mark is None else jnp.any((toks == mark) & mask, axis=1)
+        nxt = table[s.astype(jnp.int32), k, jnp.minimum(j, width - 1)]
+        logits = 30.0 * jax.nn.one_hot(nxt, vocab_size)[:, None, :]
+        return logits, {"tokens": toks, "mask": mask, "index": index + tokens_BxT.shape[1]}
+
+    def init_cache(batch, max_len):
+        return {
+            "tokens": jnp.zeros((batch, max_len), jnp.int32),
+            "mask": jnp.zeros((batch, max_len), jnp.bool_),
+            "index": jnp.zeros((), jnp.int32),
+        }
+
+    def repeat(cache, n):
+        return {**cache, "tokens": jnp.repeat(cache["tokens"], n, 0),
+                "mask": jnp.repeat(cache["mask"], n, 0)}  # fmt: skip
+
+    return ModelFns(apply, init_cache, repeat)
+
+
 def save_tiny_tokenizer(path):
     """A byte-level BPE tokenizer with no merges over printable ASCII + tab/newline and Qwen's
     three special tokens (100 ids, fits the tiny models' 256) and a ChatML chat template;
@@ -134,7 +191,7 @@ def save_tiny_tokenizer(path):
     alphabet = {b: c for c, b in _byte_decoder().items()}
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     vocab = {s: i for i, s in enumerate(specials)}
-    for b in [9, 10, *range(32, 127)]:
+    for b in TINY_TOKENIZER_BYTES:
         vocab[alphabet[b]] = len(vocab)
     raw = RawTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<|endoftext|>"))
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)

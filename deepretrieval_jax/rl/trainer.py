@@ -562,6 +562,15 @@ def _sum_parts(parts):
     return total
 
 
+def budget_spent(used_s: float, last_step_s: float, budget_s: float, tc) -> bool:
+    """Whether the CPU budget ends the run after a step: `used_s` spent so far, the step just
+    done took `last_step_s`. "after": once the budget is exceeded; "nearest": when stopping now
+    leaves the spend nearer the budget than one more step (of `last_step_s`) would."""
+    if tc.cpu_budget_stop == "nearest":
+        return used_s + last_step_s / 2 >= budget_s
+    return used_s > budget_s
+
+
 def train(
     cfg, workdir, *, train_examples=None, val_examples=None, backend=None, agent_kw=None
 ) -> TrainResult:
@@ -575,6 +584,7 @@ def train(
     step, pending, last = run.start_step, None, {}
     preempted = over_budget = False
     cpu_start, budget_s = time.process_time(), run.tc.cpu_budget_minutes * 60
+    cpu_step = cpu_start  # CPU time at the end of the previous step
     try:
         with _Preemption() as preemption:
             while step < run.tc.num_steps:
@@ -595,9 +605,13 @@ def train(
                 if _any_process(preemption.requested):
                     preempted = True
                     break
-                if budget_s and _any_process(time.process_time() - cpu_start > budget_s):
+                cpu_now = time.process_time()
+                if budget_s and _any_process(
+                    budget_spent(cpu_now - cpu_start, cpu_now - cpu_step, budget_s, run.tc)
+                ):
                     over_budget = True
                     break
+                cpu_step = cpu_now
             if pending is not None:
                 last = run.log(*pending)
             if preempted:
@@ -605,7 +619,7 @@ def train(
             else:
                 if over_budget:
                     run.writer.log(
-                        f"CPU budget of {run.tc.cpu_budget_minutes:g} min spent after step"
+                        f"CPU budget of {run.tc.cpu_budget_minutes:g} min spent at step"
                         f" {step} ({(time.process_time() - cpu_start) / 60:.1f} min): stopping;"
                         f" train.num_steps={step} repeats this run"
                     )
