@@ -13,10 +13,11 @@
     decode steps, the idle fraction of decode-step row slots (rows finished or waiting for a
     search; plain sampler: sum(max length - length) / (max length x rows)), round trips.
 (b) RL at equal compute: configs/scifact_agent.py:one_turn (1 turn) and configs/scifact_agent.py
-    (up to 3 turns) each trained under `train.cpu_budget_minutes` (the trainer stops after the
-    step at which its loop has used that much CPU time) in its own process pinned to its own
-    core (taskset), both at once; validation off. Then each trained policy is evaluated greedily
-    by the eval CLI (`eval.run`, the agent path) on the first `--eval_claims` test claims:
+    (up to 3 turns) each trained under `train.cpu_budget_minutes` of training-loop CPU time in
+    its own process pinned to its own core (taskset), both at once; validation off. Each arm
+    stops at the step boundary nearest its budget (`train.cpu_budget_stop="nearest"`), so a
+    costly 3-turn step cannot overshoot it by most of a step. Then each trained policy is
+    evaluated greedily by the eval CLI (`eval.run`, the agent path) on the first `--eval_claims` test claims:
     NDCG@10, Recall@100, format errors, searches per answer, turns used, and a paired bootstrap
     95% CI of 3-turn minus 1-turn (`significance.paired_bootstrap`). One seed (`--seed`).
 Written to OUT/agent_turns.md (and OUT/throughput.json, OUT/<arm>/result.json); re-running
@@ -52,6 +53,7 @@ def arm_config(args, arm: str):
     cfg.seed = args.seed
     cfg.train.num_steps = 1000  # the budget ends the run
     cfg.train.cpu_budget_minutes = args.cpu_budget_minutes
+    cfg.train.cpu_budget_stop = "nearest"  # a 3-turn step costs several 1-turn steps
     cfg.train.prompts_per_step = args.prompts_per_step  # x sampling.n = 4 rows per step
     cfg.ppo.mini_batch_size = min(cfg.ppo.mini_batch_size, args.prompts_per_step * cfg.sampling.n)
     cfg.train.val_every = 0  # no validation inside the budget (the eval below measures)
@@ -280,7 +282,7 @@ def main():
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--parts", default="throughput,rl", help="throughput and/or rl")
     parser.add_argument("--claims", type=int, default=32, help="(a): test claims, one batch")
-    parser.add_argument("--cpu_budget_minutes", type=float, default=8.0, help="(b): per arm")
+    parser.add_argument("--cpu_budget_minutes", type=float, default=15.0, help="(b): per arm")
     parser.add_argument("--eval_claims", type=int, default=100, help="(b): test claims")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prompts_per_step", type=int, default=4, help="(b): claims per step")

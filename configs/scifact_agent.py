@@ -25,10 +25,13 @@ import ml_collections
 from configs import common
 
 SYSTEM = "You search a library of scientific abstracts."
+# No literal placeholder inside the tags: SmolLM2-135M copies one ("<search>query</search>")
+# verbatim; an example query it may copy at worst still retrieves (docs/benchmarks.md).
 INSTRUCTION = (
-    "Find abstracts that support or refute the claim. Search with <search>query</search>; "
-    "results come back in <information>...</information>. You may search up to twice, then "
-    "give your best final search query as <answer>query</answer>."
+    "Find abstracts that support or refute the claim. Search with <search>...</search>, e.g. "
+    "<search>vitamin D supplementation fracture risk</search>; results come back in "
+    "<information>...</information>. You may search up to twice, then give your best final "
+    "search query as <answer>...</answer>."
 )
 ONE_TURN_INSTRUCTION = (
     "Find abstracts that support or refute the claim. Give your best search query as "
