@@ -186,7 +186,7 @@ def ppo_config() -> ml_collections.ConfigDict:
             weight_decay=0.01,  # AdamW decoupled weight decay
             ppo_epochs=1,  # passes over each rollout batch
             mini_batch_size=16,  # rows (samples) per optimiser update; divides the rollout
-            micro_batch_size=0,  # rows per forward/backward slice; 0 = mini_batch_size
+            micro_batch_size=0,  # rows per forward/backward slice (update, log-probs, values); 0 = mini
             shuffle=True,  # permute rows into mini-batches each epoch
             max_consecutive_skips=3,  # stop the run after this many non-finite steps in a row
             # True: old log-probs from one actor pass before the update; False: the sampler's

@@ -83,8 +83,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Rows per forward/backward slice: the peak memory. Without remat a 770-token row's
     # saved activations and logits take ~4 GB here (micro-batches of 4: over 17 GB, killed).
     cfg.ppo.micro_batch_size = 1
-    # PPO's old log-probs from the (fp32) sampler: recomputing them is one forward over the
-    # whole batch, 32 x 770 x 49,152 fp32 logits at once (over 18 GB of host memory here).
+    # PPO's old log-probs from the (fp32) sampler, as configs/demo.py: recomputing them costs
+    # one more forward pass per step (run micro_batch_size rows at a time, like the update).
     cfg.ppo.recompute_logprobs = False
     cfg.train.prompts_per_step = 8  # x n=4 samples = 32 rows per step
     cfg.reward.pool.concurrency = 2  # two cores

@@ -29,8 +29,10 @@ from deepretrieval_jax.rl.update import (
     compute_logprobs,
     compute_values,
     make_jitted,
+    merge_rows,
     model_fns,
     ppo_update,
+    split_rows,
 )
 
 MODEL = ModelConfig.tiny(
@@ -275,6 +277,27 @@ def test_update_same_on_1_and_8_devices_with_micro_batches():
     spec = _steps(cfg8, (2, 2, 2))[1].state_shardings
     for arr, sh in zip(jax.tree.leaves(n8), jax.tree.leaves(spec), strict=True):
         assert arr.sharding.is_equivalent_to(sh, arr.ndim)
+
+
+def test_forward_passes_in_micro_batch_slices_equal_the_whole_batch():
+    """The trainer's old / reference log-probs and values run micro_batch rows at a time (peak
+    memory: one slice's logits); they equal `prepare`'s single pass over the whole batch."""
+    x = np.arange(2 * B).reshape(B, 2)
+    sliced = np.asarray(split_rows(x, 8, None, None))
+    assert sliced.shape == (B // 8, 8, 2)
+    np.testing.assert_array_equal(sliced[1], x[1 :: B // 8])  # slice k: rows k, k + 4, ...
+    np.testing.assert_array_equal(np.asarray(merge_rows(jnp.asarray(sliced))), x)
+    cfg8 = PPO.replace(micro_batch_size=8)
+    state = _init(cfg8, (2, 2, 2))
+    steps = _steps(cfg8, (2, 2, 2))[1]
+    whole = _edge_batch(cfg8, (2, 2, 2), state)  # filled by prepare: one pass per model
+    for got, want in (
+        (steps.logprobs(state, whole), whole.old_logp_BxT),
+        (steps.ref_logprobs(state, whole), whole.ref_logp_BxT),
+        (steps.values(state, whole), whole.old_values_BxT),
+    ):
+        assert got.sharding.is_equivalent_to(steps.batch_shardings.tokens_BxT, 2)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
 def test_invalid_rows_are_excluded_from_everything():

@@ -94,7 +94,9 @@ class PPOConfig:
     # Update loop.
     ppo_epochs: int = 1  # passes over the rollout batch per PPO step
     mini_batch_size: int = 16  # rows per optimiser update; divides the rollout batch
-    micro_batch_size: int = 0  # rows per forward/backward (gradient accumulation); 0 = mini
+    # Rows per forward/backward (gradient accumulation) and per slice of the forward-only
+    # passes (old / reference log-probs, values); 0 = mini_batch_size.
+    micro_batch_size: int = 0
     shuffle: bool = True  # permute rows into mini-batches each epoch (state PRNG)
     max_consecutive_skips: int = 3  # the run manager stops after this many skipped steps
     # True: old log-probs = one actor forward pass before the update (exact); False: the

@@ -74,6 +74,43 @@ __all__ = [
 ]
 
 
+def _constrain_rows(x, mesh, rules, lead=0):
+    """`x` with axis `lead` sharded as the batch rows (act_batch); unchanged without a mesh."""
+    if mesh is None:
+        return x
+    names = (None,) * lead + ("act_batch",) + (None,) * (x.ndim - lead - 1)
+    return jax.lax.with_sharding_constraint(
+        x, sharding.sharding_for_names(names, x.shape, mesh, rules)
+    )
+
+
+def split_rows(tree, size: int, mesh, rules):
+    """Leaves [B, ...] -> [B // size, size, ...]: slice k holds rows k, k + B // size, ..., so
+    each slice stays spread over the batch shards (no resharding per slice)."""
+
+    def split(x):
+        parts = x.shape[0] // size
+        return _constrain_rows(
+            jnp.swapaxes(x.reshape((size, parts) + x.shape[1:]), 0, 1), mesh, rules, 1
+        )
+
+    return jax.tree.map(split, tree)
+
+
+def merge_rows(x):
+    """The inverse of `split_rows` for one array: [B // size, size, ...] -> [B, ...]."""
+    return jnp.swapaxes(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def forward_in_slices(fn, batch, size: int, mesh, rules):
+    """`fn(batch)` -> [B, T], computed `size` rows at a time in a `lax.map` (one slice's logits
+    live at once, not the whole batch's: B x T x V floats is the largest array of a rollout)."""
+    B = batch.tokens_BxT.shape[0]
+    if size <= 0 or size >= B or B % size:
+        return fn(batch)
+    return merge_rows(jax.lax.map(fn, split_rows(batch, size, mesh, rules)))
+
+
 def _tree_select(pred, new, old):
     return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
 
@@ -108,16 +145,11 @@ def ppo_update(
         raise ValueError("a separate critic needs value_fn and state.critic_params")
     if cfg.shared_critic and policy_value_fn is None:
         raise ValueError("critic='shared' needs policy_value_fn (see update.policy_value_fn)")
-    n_mb, n_micro = B // M, M // mu
+    n_mb = B // M
     rules = sharding.TRAIN_RULES if rules is None else rules
 
-    def constrain(x, lead=0):
-        if mesh is None:
-            return x
-        names = (None,) * lead + ("act_batch",) + (None,) * (x.ndim - lead - 1)
-        return jax.lax.with_sharding_constraint(
-            x, sharding.sharding_for_names(names, x.shape, mesh, rules)
-        )
+    def constrain(x):
+        return _constrain_rows(x, mesh, rules)
 
     if advantages is None:
         advantages = compute_advantages(batch, cfg, state.kl_coef)
@@ -155,11 +187,7 @@ def ppo_update(
     def minibatch_step(carry, idx_M):
         actor_p, actor_o, critic_p, critic_o, ok, n_skipped = carry
         mb = jax.tree.map(lambda x: constrain(jnp.take(x, idx_M, axis=0)), data)
-        # Micro-batch k takes rows k, k + n_micro, ...: each stays spread over the batch shards.
-        micro = jax.tree.map(
-            lambda x: constrain(jnp.swapaxes(x.reshape((mu, n_micro) + x.shape[1:]), 0, 1), 1),
-            mb,
-        )
+        micro = split_rows(mb, mu, mesh, rules)  # micro-batch k: rows k, k + M // mu, ...
         num_tokens = jnp.sum(mb.loss_mask_BxT).astype(jnp.float32)
         num_rows = jnp.sum(jnp.any(mb.loss_mask_BxT, axis=-1)).astype(jnp.float32)
         a_grads, a_metrics = losses.accumulate_grads(
@@ -348,6 +376,11 @@ def make_jitted(
             compiler_options=compiler_options,
         )
 
+    def sliced(fn):  # the forward-only passes, micro_batch rows at a time (peak memory)
+        return lambda state, batch: forward_in_slices(
+            functools.partial(fn, state), batch, cfg.micro_batch, mesh, rules
+        )
+
     def ref_logp(state, batch):
         params = state.ref_params if state.ref_params is not None else state.actor_params
         return compute_logprobs(policy_fn, params, batch)  # LoRA: base without adapters
@@ -401,10 +434,10 @@ def make_jitted(
             compiler_options=compiler_options,
         ),
         _prepare=jit(prepare, batch_sh),
-        _logprobs=jit(lambda s, b: compute_logprobs(policy_fn, full(s), b), bt),
-        _ref_logprobs=jit(ref_logp, bt),
+        _logprobs=jit(sliced(lambda s, b: compute_logprobs(policy_fn, full(s), b)), bt),
+        _ref_logprobs=jit(sliced(ref_logp), bt),
         _values=(
-            jit(lambda s, b: compute_values(value_fn, critic_params(s), b), bt)
+            jit(sliced(lambda s, b: compute_values(value_fn, critic_params(s), b)), bt)
             if cfg.use_critic
             else None
         ),
