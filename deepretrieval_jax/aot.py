@@ -9,7 +9,8 @@ accessed of the per-chip SPMD program), the chip's HBM capacity and whether it f
 roofline time max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) from the published chip figures in
 `CHIPS`. XLA's cost analysis counts a loop body once, so the update's figures are multiplied by
 its scan trip count (mini-batches x micro-batches: exact without micro-batching, an upper bound
-on the optimiser's share with it).
+on the optimiser's share with it), and the forward-only passes' by their slice count
+(`update.forward_slices`: rows / micro-batch rows).
 
 Step estimate = prefill + L x decode step + log-probs + reference + values + advantages +
 update (rewards and the trainer -> sampler weight reshard are not included); L decode steps is

@@ -32,7 +32,7 @@ from deepretrieval_jax.config import SFTConfig, to_dataclass
 from deepretrieval_jax.rl import policy_init, sft
 from deepretrieval_jax.rl.batch import RolloutBatch
 from deepretrieval_jax.rl.state import PPOConfig, create_train_state, policy_model
-from deepretrieval_jax.rl.update import make_jitted
+from deepretrieval_jax.rl.update import forward_slices, make_jitted
 from deepretrieval_jax.sampler import cast_weights, causal_lm_fns
 
 
@@ -176,20 +176,23 @@ def ppo_functions(cfg, model_cfg, mesh, B: int, n: int, P: int, L: int) -> list[
     fwd_tokens = R * T
     n_mini = ppo.ppo_epochs * (R // ppo.mini_batch_size)
     n_micro = ppo.mini_batch_size // ppo.micro_batch
-    fns = [StepFunction("ppo.logprobs", lambda: steps.lower("logprobs", state, batch), 1, 1,
-                        2.0 * n_actor * fwd_tokens, f"R={R} rows x T={T}")]  # fmt: skip
+    # The forward-only passes loop over slices of micro_batch rows (update.forward_in_slices).
+    slices = forward_slices(R, ppo.micro_batch)
+    fns = [StepFunction("ppo.logprobs", lambda: steps.lower("logprobs", state, batch), 1, slices,
+                        2.0 * n_actor * fwd_tokens,
+                        f"R={R} rows x T={T}, {slices} slices of {R // slices} rows")]  # fmt: skip
     if ppo.use_ref:
         # The reference has the actor's architecture and shardings: the program of
         # ppo.logprobs reading state.ref_params instead (compiled once, figures reused).
         fns.append(
             StepFunction(
-                "ppo.ref_logprobs", lambda: steps.lower("ref_logprobs", state, batch), 1, 1,
-                2.0 * n_actor * fwd_tokens, "program of ppo.logprobs", "ppo.logprobs",
+                "ppo.ref_logprobs", lambda: steps.lower("ref_logprobs", state, batch), 1,
+                slices, 2.0 * n_actor * fwd_tokens, "program of ppo.logprobs", "ppo.logprobs",
             )
         )  # fmt: skip
     if ppo.separate_critic:
-        fns.append(StepFunction("ppo.values", lambda: steps.lower("values", state, batch), 1, 1,
-                                2.0 * n_critic * fwd_tokens))  # fmt: skip
+        fns.append(StepFunction("ppo.values", lambda: steps.lower("values", state, batch), 1,
+                                slices, 2.0 * n_critic * fwd_tokens))  # fmt: skip
     fns.append(StepFunction("ppo.advantages", lambda: steps.lower("advantages", state, batch),
                             1, 1, 0.0))  # fmt: skip
     fns.append(

@@ -102,11 +102,15 @@ def merge_rows(x):
     return jnp.swapaxes(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
+def forward_slices(rows: int, size: int) -> int:
+    """How many slices `forward_in_slices` cuts `rows` rows into (1: one pass, no loop)."""
+    return rows // size if 0 < size < rows and rows % size == 0 else 1
+
+
 def forward_in_slices(fn, batch, size: int, mesh, rules):
     """`fn(batch)` -> [B, T], computed `size` rows at a time in a `lax.map` (one slice's logits
     live at once, not the whole batch's: B x T x V floats is the largest array of a rollout)."""
-    B = batch.tokens_BxT.shape[0]
-    if size <= 0 or size >= B or B % size:
+    if forward_slices(batch.tokens_BxT.shape[0], size) == 1:
         return fn(batch)
     return merge_rows(jax.lax.map(fn, split_rows(batch, size, mesh, rules)))
 
