@@ -13,11 +13,12 @@ masked out of every loss term. `configs/scifact_agent.py:one_turn` is the one-tu
 same machinery (max_turns=1, the turn prefilled with `<answer>`: one query, no search before
 it); `--config.agent.max_turns=1` alone cannot answer, since every rollout starts with a search.
 Expected (measured once, seed 0, docs/benchmarks.md "Multi-turn agent"; 4 claims x 4 samples
-per step, one core, `train.cpu_budget_minutes=6`): 3 steps (12.1 CPU min: 2-5 min a step), then
-greedy on the first 64 test claims NDCG@10 0.000, Recall@100 0.000, 0% format errors, 1.00
-searches per answer: the policy writes the instruction's placeholder, `<search>query</search>`
-then `<answer>query</answer>`. The `one_turn` variant at the same budget: 8 steps (7.0 CPU min),
-NDCG@10 0.748, Recall@100 0.981, 0% format errors. Peak memory 8.1 GB (one_turn 4.8 GB).
+per step, one core, `train.cpu_budget_minutes=15`, `train.cpu_budget_stop="nearest"`): 4 steps
+(19.7 CPU min: 2-7 min a step), then greedy on the first 100 test claims NDCG@10 0.044,
+Recall@100 0.080, 82% format errors (the answer turn imitates the information block and never
+closes `</answer>`); the model completes this protocol zero-shot on ~3% of claims, so GRPO has
+little signal. The `one_turn` variant at the same budget: 17 steps (15.9 CPU min), NDCG@10
+0.712, Recall@100 0.953, 0% format errors. Peak memory 8.7 GB (one_turn 4.8 GB).
 """
 
 import ml_collections
