@@ -2,60 +2,20 @@
 reads the inserted results and answers; the reward is positive and PPO updates the tiny model
 on the generated tokens only."""
 
-import ml_collections
 import numpy as np
 import pytest
 import tiny_models
 import trainer_fixtures as fx
 
-from configs import common
 from deepretrieval_jax.rl import trainer
 
-SEARCH = "<search>aspirin colorectal</search>"
-ANSWER = "<answer>aspirin colorectal cancer</answer>"
-
-
-def scripted_fns():
-    """Writes SEARCH in the first turn and ANSWER after an information block, then <|im_end|>."""
-    return tiny_models.scripted_agent_fns([[SEARCH, ANSWER]])
+SEARCH, ANSWER = fx.AGENT_SEARCH, fx.AGENT_ANSWER
+scripted_fns, agent_config = fx.agent_sampler_fns, fx.tiny_agent_config
 
 
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory):
     return tiny_models.save_tiny_policy(tmp_path_factory.mktemp("policy"))
-
-
-def agent_config(policy_dir, num_steps=2):
-    fx.register_task()
-    cfg = common.base_config()
-    cfg.mesh = common.mesh_config(data=-1)
-    cfg.model.preset = ""
-    cfg.model.hf_path = str(policy_dir)
-    cfg.model.overrides.dtype = "float32"
-    cfg.model.overrides.remat = False
-    cfg.data.task = fx.TASK
-    cfg.data.prompt_buckets = (96, 128)
-    cfg.data.max_prompt_len = 128
-    cfg.data.prompt.assistant_prefix = ""
-    cfg.agent = common.agent_config()
-    cfg.agent.max_turns = 2
-    cfg.agent.docs_per_search = 1
-    cfg.agent.doc_chars = 20
-    cfg.agent.info_max_tokens = 64
-    cfg.agent.max_turn_tokens = 48
-    cfg.agent.reward_opts = ml_collections.ConfigDict(dict(k=5, shown=1))
-    cfg.sampling.stop = ("</answer>",)
-    cfg.sampling.max_new_tokens = 2 * 48 + 65
-    cfg.sampling.n = 2
-    cfg.ppo.mini_batch_size = 8
-    cfg.reward.pool.cache_mode = "read_write"
-    cfg.train.prompts_per_step = 8
-    cfg.train.num_steps = num_steps
-    cfg.train.val_every = num_steps
-    cfg.train.checkpoint_every = num_steps
-    cfg.train.async_checkpoint = False
-    cfg.logging.progress = False
-    return cfg
 
 
 def test_agent_trains_end_to_end_with_searches_between_turns(policy_dir, tmp_path):

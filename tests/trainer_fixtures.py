@@ -1,8 +1,9 @@
 """Shared pieces of the trainer tests: a tiny task, corpus, config; also run as a worker.
 
-`python tests/trainer_fixtures.py WORKDIR NUM_STEPS OUT_JSON` trains the tiny config and writes
-a digest of the final params and the last metrics to OUT_JSON (the multi-host test runs it in
-two processes; JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID join them).
+`python tests/trainer_fixtures.py WORKDIR NUM_STEPS OUT_JSON [POLICY_DIR]` trains the tiny
+config (with POLICY_DIR: the multi-turn agent of `tiny_agent_config`, scripted rollouts) and
+writes a digest of the final params and the last metrics to OUT_JSON (the multi-host test runs
+it in two processes; JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID join them).
 """
 
 from __future__ import annotations
@@ -89,6 +90,55 @@ def tiny_config(num_steps: int = 3):
     return cfg
 
 
+AGENT_SEARCH = "<search>aspirin colorectal</search>"
+AGENT_ANSWER = "<answer>aspirin colorectal cancer</answer>"
+
+
+def agent_sampler_fns():
+    """Rollouts that write AGENT_SEARCH, then AGENT_ANSWER after the information block."""
+    import tiny_models
+
+    return tiny_models.scripted_agent_fns([[AGENT_SEARCH, AGENT_ANSWER]])
+
+
+def tiny_agent_config(policy_dir, num_steps: int = 2):
+    """The multi-turn agent on the tiny task: 2 turns, one 20-character document per search."""
+    import ml_collections
+
+    from configs import common
+
+    register_task()
+    cfg = common.base_config()
+    cfg.mesh = common.mesh_config(data=-1)
+    cfg.model.preset = ""
+    cfg.model.hf_path = str(policy_dir)
+    cfg.model.overrides.dtype = "float32"
+    cfg.model.overrides.remat = False
+    cfg.data.task = TASK
+    cfg.data.prompt_buckets = (96, 128)
+    cfg.data.max_prompt_len = 128
+    cfg.data.prompt.assistant_prefix = ""
+    cfg.agent = common.agent_config()
+    cfg.agent.max_turns = 2
+    cfg.agent.docs_per_search = 1
+    cfg.agent.doc_chars = 20
+    cfg.agent.info_max_tokens = 64
+    cfg.agent.max_turn_tokens = 48
+    cfg.agent.reward_opts = ml_collections.ConfigDict(dict(k=5, shown=1))
+    cfg.sampling.stop = ("</answer>",)
+    cfg.sampling.max_new_tokens = 2 * 48 + 65
+    cfg.sampling.n = 2
+    cfg.ppo.mini_batch_size = 8
+    cfg.reward.pool.cache_mode = "read_write"
+    cfg.train.prompts_per_step = 8
+    cfg.train.num_steps = num_steps
+    cfg.train.val_every = num_steps
+    cfg.train.checkpoint_every = num_steps
+    cfg.train.async_checkpoint = False
+    cfg.logging.progress = False
+    return cfg
+
+
 def params_digest(params) -> str:
     import jax
     import numpy as np
@@ -99,7 +149,7 @@ def params_digest(params) -> str:
     return h.hexdigest()
 
 
-def main(workdir: str, num_steps: int, out: str) -> None:
+def main(workdir: str, num_steps: int, out: str, policy_dir: str = "") -> None:
     from deepretrieval_jax import runtime
 
     runtime.initialize_distributed()
@@ -109,13 +159,23 @@ def main(workdir: str, num_steps: int, out: str) -> None:
     from deepretrieval_jax.rl import trainer
 
     ex = examples()
+    if policy_dir:  # the multi-turn agent: scripted rollouts, searches between turns
+        cfg = tiny_agent_config(policy_dir, num_steps)
+        docs = {f"d{i}": ("", t) for i, t in enumerate(DOCS)}
+        agent_kw = dict(documents=docs, sampler_fns=agent_sampler_fns())
+    else:
+        cfg, agent_kw = tiny_config(num_steps), None
     result = trainer.train(
-        tiny_config(num_steps), workdir, train_examples=ex, val_examples=ex, backend=backend()
+        cfg, workdir, train_examples=ex, val_examples=ex, backend=backend(), agent_kw=agent_kw
     )
     state = result.state
     # Fully replicate before fetching: every process then digests the same global params.
     params = multihost_utils.process_allgather(state.actor_params, tiled=True)
-    critic = multihost_utils.process_allgather(state.critic_params, tiled=True)
+    critic = (
+        None
+        if state.critic_params is None
+        else multihost_utils.process_allgather(state.critic_params, tiled=True)
+    )
     Path(out).write_text(
         json.dumps(
             {
@@ -123,7 +183,7 @@ def main(workdir: str, num_steps: int, out: str) -> None:
                 "count": jax.process_count(),
                 "step": result.step,
                 "actor": params_digest(params),
-                "critic": params_digest(critic),
+                "critic": None if critic is None else params_digest(critic),
                 "metrics": result.last_metrics,
             }
         )
@@ -132,7 +192,7 @@ def main(workdir: str, num_steps: int, out: str) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], *sys.argv[4:5])
 
 
 def write_beir(root: Path) -> Path:
