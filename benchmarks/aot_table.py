@@ -9,6 +9,7 @@ and per function the compiled per-chip bytes and roofline seconds (deepretrieval
 Needs libtpu; each full-depth compile takes minutes on a small CPU host.
 """
 
+import ast
 import dataclasses
 import json
 import os
@@ -28,29 +29,45 @@ _PRESETS = flags.DEFINE_list(
     "presets", ["qwen2.5-0.5b", "qwen2.5-3b", "llama3.2-3b", "qwen2.5-7b"], "Model presets."
 )
 _MARKDOWN = flags.DEFINE_bool("markdown", False, "Print the table of --out instead.")
+_SET = flags.DEFINE_list(
+    "set", [], "Config overrides key=value (e.g. ppo.micro_batch_size=8,mesh.tensor=2)."
+)
 
 
-def config(preset: str):
+def config(preset: str, overrides=()):
     cfg = (pubmed_llama if preset.startswith("llama") else pubmed).get_config()
     cfg.model.preset = preset
+    for item in overrides:
+        key, _, value = item.partition("=")
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass  # a plain string
+        cfg.update_from_flattened_dict({key: value})
     return cfg
 
 
 def markdown(path: str) -> str:
     """The docs table of the JSON lines in `path`."""
     out = [
-        "| model | topology (chips) | mesh (data x fsdp x tensor) | per-chip footprint / HBM | fits"
-        " | est. step | MFU bound |",
-        "|---|---|---|---|---|---|---|",
+        "| model | topology (chips) | mesh (data x fsdp x tensor) | overrides | per-chip footprint"
+        " / HBM | fits | est. step | MFU bound |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for line in (json.loads(x) for x in open(path, encoding="utf-8") if x.strip()):
         chip_bytes, step, mfu = line["max_chip_bytes"], line["step_seconds"], line["mfu_bound"]
         hbm = line["hbm_bytes"]
         mesh = "x".join(str(v) for v in line["mesh"].values())
+        refused = [r["name"] for r in line["rows"] if not r.get("compiled", True)]
+        fits = "yes" if line.get("fits", chip_bytes <= hbm) else "**no**"
+        if refused:
+            fits += f" (XLA refused {', '.join(refused)})"
         out.append(
             f"| {line['preset']} | {line['topology']} ({line['chips']}) | {mesh} | "
-            f"{chip_bytes / aot.GiB:.1f} / {hbm / aot.GiB:.0f} GiB | "
-            f"{'yes' if chip_bytes <= hbm else '**no**'} | {step:.1f} s | {100 * mfu:.1f}% |"
+            f"{' '.join(line.get('overrides', [])) or '-'} | "
+            f"{chip_bytes / aot.GiB:.1f} / {hbm / aot.GiB:.0f} GiB | {fits} | "
+            f"{'-' if step is None else f'{step:.1f} s'} | "
+            f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} |"
         )
     return "\n".join(out)
 
@@ -62,12 +79,12 @@ def main(argv):
         return
     for topology in _TOPOLOGIES.value:
         for preset in _PRESETS.value:
-            report = aot.compile_all(config(preset), topology, include_sft=False)
+            report = aot.compile_all(config(preset, _SET.value), topology, include_sft=False)
             row = dict(
                 preset=preset, topology=topology, chips=report.num_chips, mesh=report.mesh,
-                chip=report.chip.name, hbm_bytes=report.chip.hbm_bytes,
+                overrides=_SET.value, chip=report.chip.name, hbm_bytes=report.chip.hbm_bytes,
                 step_seconds=report.step_seconds, mfu_bound=report.mfu_bound,
-                max_chip_bytes=report.max_chip_bytes,
+                max_chip_bytes=report.max_chip_bytes, fits=report.fits,
                 rows=[dataclasses.asdict(r) for r in report.rows],
             )  # fmt: skip
             with open(_OUT.value, "a", encoding="utf-8") as f:

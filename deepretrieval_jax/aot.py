@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 
 import jax
@@ -110,11 +111,34 @@ class Row:
     seconds: float | None  # roofline per call
     compile_s: float
     note: str
+    compiled: bool = True  # False: XLA refused it for exceeding HBM (peak = what XLA reported)
+
+
+_HBM_OOM = re.compile(r"Used ([\d.]+)([KMGT]) of ([\d.]+[KMGT]) hbm")
+_UNITS = {"K": 1024, "M": 1024**2, "G": GiB, "T": 1024**4}
+
+
+def _over_capacity(fn: aot_steps.StepFunction, error: Exception, resident: int, t0) -> Row | None:
+    """XLA:TPU refuses a program that cannot fit HBM (CompileTimeHbmOom): a row saying so, its
+    peak the bytes XLA reported using, or None for any other compile error."""
+    match = _HBM_OOM.search(str(error)) if "memory space hbm" in str(error) else None
+    if match is None:
+        return None
+    used = int(float(match.group(1)) * _UNITS[match.group(2)])
+    note = f"XLA:TPU refused it: used {match.group(1)}{match.group(2)} of {match.group(3)} HBM"
+    return Row(fn.name, fn.calls_per_step, 0, 0, 0, 0, 0, used, resident, 0.0, 0.0,
+               fn.model_flops, None, time.time() - t0, note, compiled=False)  # fmt: skip
 
 
 def _compile(fn: aot_steps.StepFunction, chip: Chip | None, resident: int) -> Row:
     t0 = time.time()
-    compiled = fn.lower().compile()
+    try:
+        compiled = fn.lower().compile()
+    except Exception as e:  # noqa: BLE001  (jax's error type varies across versions)
+        row = _over_capacity(fn, e, resident, t0)
+        if row is None:
+            raise
+        return row
     compile_s = time.time() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
@@ -146,8 +170,8 @@ class Report:
 
     @property
     def step_seconds(self) -> float | None:
-        if self.chip is None:
-            return None
+        if self.chip is None or any(r.seconds is None for r in self.rows):
+            return None  # CPU, or a function XLA refused
         return sum(r.calls * r.seconds for r in self.rows)
 
     @property
@@ -161,6 +185,13 @@ class Report:
     @property
     def max_chip_bytes(self) -> int:
         return max(r.peak + r.resident for r in self.rows)
+
+    @property
+    def fits(self) -> bool | None:
+        """Every function compiled and fits HBM beside what stays resident (None on CPU)."""
+        if self.chip is None:
+            return None
+        return all(r.compiled for r in self.rows) and self.max_chip_bytes <= self.chip.hbm_bytes
 
 
 def compile_all(
@@ -228,7 +259,7 @@ def format_report(report: Report) -> str:
     ]
     for r in report.rows:
         total = r.peak + r.resident
-        fits = "-" if chip is None else ("yes" if total <= chip.hbm_bytes else "NO")
+        fits = "-" if chip is None else ("yes" if total <= chip.hbm_bytes and r.compiled else "NO")
         ms = "-" if r.seconds is None else f"{r.seconds * 1e3:10.2f}"
         lines.append(
             f"{r.name:<18}| {r.calls:5d} |{g(r.argument)} |{g(r.output)} |{g(r.alias)} |"
@@ -239,11 +270,12 @@ def format_report(report: Report) -> str:
     worst = report.max_chip_bytes
     lines.append(f"largest per-chip footprint: {worst / GiB:.2f} GiB")
     if chip is not None:
-        lines.append(
-            f"fits {chip.hbm_bytes / GiB:.0f} GiB HBM: {'yes' if worst <= chip.hbm_bytes else 'NO'}"
-        )
-        lines.append(
-            f"estimated PPO step (roofline): {report.step_seconds:.2f} s; "
-            f"MFU bound {100 * report.mfu_bound:.1f}%"
-        )
+        lines.append(f"fits {chip.hbm_bytes / GiB:.0f} GiB HBM: {'yes' if report.fits else 'NO'}")
+        if report.step_seconds is None:
+            lines.append("estimated PPO step: none (a function did not compile for this chip)")
+        else:
+            lines.append(
+                f"estimated PPO step (roofline): {report.step_seconds:.2f} s; "
+                f"MFU bound {100 * report.mfu_bound:.1f}%"
+            )
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 The TPU test needs libtpu (`pip install -e '.[tpu]'`) and is skipped only when it is absent.
 """
 
+import dataclasses
 import importlib.util
 
 import pytest
@@ -104,3 +105,36 @@ def test_topology_names():
         aot.topology_devices("v5e-eight")
     with pytest.raises(ValueError, match="chips"):
         aot.topology_devices("v5e-12")
+
+
+def test_a_program_xla_refuses_for_hbm_is_reported_as_not_fitting():
+    """XLA:TPU's CompileTimeHbmOom (the message of a real refusal: Qwen2.5-3B's PPO update on
+    v5e-8) becomes a row that does not fit, with XLA's figure as its peak; other errors raise."""
+    message = (
+        "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out "
+        "of memory in memory space hbm. Used 15.79G of 15.75G hbm. Exceeded hbm capacity by "
+        "38.77M."
+    )
+
+    class Refused:
+        name, calls_per_step, loop_trips, model_flops, note = "ppo.update", 1, 1, 1e12, ""
+
+        def lower(self):
+            raise RuntimeError(message)
+
+    chip = aot.CHIPS["TPU v5 lite"]
+    row = aot._compile(Refused(), chip, resident=0)
+    assert not row.compiled and row.seconds is None
+    assert row.peak == int(15.79 * aot.GiB) and "15.79G of 15.75G" in row.note
+    ok = dataclasses.replace(row, name="ppo.values", compiled=True, peak=1, seconds=0.5)
+    report = aot.Report("v5e-8", 8, {"data": 1, "fsdp": 8, "tensor": 1}, chip, [ok, row])
+    assert report.fits is False and report.step_seconds is None and report.mfu_bound is None
+    text = aot.format_report(report)
+    assert "fits 16 GiB HBM: NO" in text and "did not compile" in text
+
+    class Broken(Refused):
+        def lower(self):
+            raise RuntimeError("INVALID_ARGUMENT: something else")
+
+    with pytest.raises(RuntimeError, match="something else"):
+        aot._compile(Broken(), chip, resident=0)
