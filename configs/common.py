@@ -234,10 +234,9 @@ def train_config() -> ml_collections.ConfigDict:
             # Equal-compute comparisons: stop (checkpointing) at a step boundary once this
             # process's CPU time in the loop (all threads: sampler, update, BM25) reaches it.
             cpu_budget_minutes=0.0,  # minutes of CPU time; 0 = run all num_steps
-            # "after": after the first step that exceeds the budget (overshoots by up to a
-            # step); "nearest": at the boundary nearest the budget, the next step's CPU time
-            # estimated as the last one's (for arms whose steps cost very different amounts).
-            cpu_budget_stop="after",
+            # "nearest": at the boundary nearest the budget, the next step's CPU time estimated
+            # as the last one's (for arms whose steps cost very different amounts).
+            cpu_budget_stop="after",  # after the first step exceeding the budget | "nearest"
         )
     )
 
