@@ -48,12 +48,7 @@ def _config(policy_dir, num_steps=2):
     cfg.ppo.recompute_logprobs = False
     cfg.ppo.mini_batch_size = 8
     cfg.train.prompts_per_step = 8
-    cfg.train.num_steps = num_steps
-    cfg.train.val_every = num_steps
-    cfg.train.checkpoint_every = num_steps
-    cfg.train.async_checkpoint = False
-    cfg.logging.progress = False
-    return cfg
+    return fx.short_run(cfg, num_steps)
 
 
 def test_model_shape_and_tokenizer_come_from_hf_path(policy_dir):

@@ -131,6 +131,12 @@ def tiny_agent_config(policy_dir, num_steps: int = 2):
     cfg.ppo.mini_batch_size = 8
     cfg.reward.pool.cache_mode = "read_write"
     cfg.train.prompts_per_step = 8
+    return short_run(cfg, num_steps)
+
+
+def short_run(cfg, num_steps: int):
+    """`cfg` as a test's short run: validation and a synchronous checkpoint at the end only,
+    no progress bar."""
     cfg.train.num_steps = num_steps
     cfg.train.val_every = num_steps
     cfg.train.checkpoint_every = num_steps
