@@ -114,14 +114,21 @@ class Row:
     compiled: bool = True  # False: XLA refused it for exceeding HBM (peak = what XLA reported)
 
 
-_HBM_OOM = re.compile(r"Used ([\d.]+)([KMGT]) of ([\d.]+[KMGT]) hbm")
+# XLA:TPU's two wordings of a compile-time HBM refusal (libtpu 0.0.42.1).
+_HBM_OOM = (
+    re.compile(r"Used ([\d.]+)([KMGT]) of ([\d.]+[KMGT]) hbm"),
+    re.compile(r"HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+[KMGT])\)"),
+)
 _UNITS = {"K": 1024, "M": 1024**2, "G": GiB, "T": 1024**4}
 
 
 def _over_capacity(fn: aot_steps.StepFunction, error: Exception, resident: int, t0) -> Row | None:
     """XLA:TPU refuses a program that cannot fit HBM (CompileTimeHbmOom): a row saying so, its
     peak the bytes XLA reported using, or None for any other compile error."""
-    match = _HBM_OOM.search(str(error)) if "memory space hbm" in str(error) else None
+    text = str(error)
+    if "RESOURCE_EXHAUSTED" not in text:
+        return None
+    match = next((m for m in (p.search(text) for p in _HBM_OOM) if m), None)
     if match is None:
         return None
     used = int(float(match.group(1)) * _UNITS[match.group(2)])

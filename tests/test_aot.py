@@ -138,3 +138,13 @@ def test_a_program_xla_refuses_for_hbm_is_reported_as_not_fitting():
 
     with pytest.raises(RuntimeError, match="something else"):
         aot._compile(Broken(), chip, resident=0)
+
+    class Temporaries(Refused):  # the other wording (the same 3B with mesh.tensor=2)
+        def lower(self):
+            raise RuntimeError(
+                "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+                "temporaries (20.85G) exceeds available HBM (15.75G)."
+            )
+
+    row = aot._compile(Temporaries(), chip, resident=0)
+    assert not row.compiled and row.peak == int(20.85 * aot.GiB) and "of 15.75G" in row.note
