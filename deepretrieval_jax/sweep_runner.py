@@ -168,7 +168,8 @@ def run_local(
             thread.start()
             threads.append(thread)
         for thread in threads:
-            thread.join()
+            while thread.is_alive():  # short joins: the main thread keeps seeing SIGINT
+                thread.join(0.5)
     except KeyboardInterrupt:
         log("Interrupted: SIGTERM to running points (they checkpoint), waiting for them")
         with lock:

@@ -9,6 +9,7 @@ others from their checkpoints. See docs/sweeps.md.
 """
 
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -38,6 +39,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    # A shell starts background jobs with SIGINT ignored, and Python then leaves it ignored:
+    # restore Ctrl-C / `kill -INT`, which the runner turns into SIGTERM to the running points.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         code = sweep_runner.execute(
             _CONFIG.value, _WORKDIR.value, _SWEEP.value, _MODE.value, _OVERRIDE.value,
