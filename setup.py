@@ -5,7 +5,7 @@ import setuptools
 CORE = [
     "jax>=0.7",
     "flax>=0.11",
-    "optax>=0.2.5",
+    "optax>=0.2.8",  # optax.tree.norm
     "orbax-checkpoint>=0.11",
     "ml-collections>=1.0",
     "absl-py>=2.1",

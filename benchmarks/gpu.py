@@ -25,8 +25,10 @@ Three measurements, each printed as a markdown row (figures only, never pass/fai
     python benchmarks/gpu.py --layers=1 --vocab_size=1024 --batch=4 --prompt_len=16 \
         --bucket=16 --new_tokens=4 --mini_batch=4 --micro_batch=2 --reps=1   # plumbing (CPU)
 
-Peak numbers default to the H100 SXM (989 TFLOP/s dense bf16, 3.35 TB/s HBM3); pass
---peak_flops/--peak_bw for other parts (H200: same FLOP/s, 4.8e12 B/s).
+Peak numbers come from the device kind (NVIDIA's datasheets: H100 SXM 989 TFLOP/s dense bf16
+and 3.35 TB/s HBM3; H200 the same FLOP/s and 4.8 TB/s HBM3e), H100 SXM for unknown kinds;
+--peak_flops/--peak_bw override them. After each part the device's peak memory in use is printed
+(`memory_stats()`, where the backend reports it).
 """
 
 from __future__ import annotations
@@ -62,9 +64,35 @@ def parse_args(argv=None):
     p.add_argument("--latency_ms", type=float, default=300.0)
     p.add_argument("--rate", type=float, default=0.0, help="stand-in requests/s; 0 = no limit")
     p.add_argument("--concurrency", type=int, default=64, help="reward pool searches in flight")
-    p.add_argument("--peak_flops", type=float, default=989e12)
-    p.add_argument("--peak_bw", type=float, default=3.35e12)
+    p.add_argument("--peak_flops", type=float, default=0.0, help="0 = from the device kind")
+    p.add_argument("--peak_bw", type=float, default=0.0, help="0 = from the device kind")
     return p.parse_args(argv)
+
+
+# Dense bf16 FLOP/s and HBM bytes/s by device kind (NVIDIA datasheets, SXM parts).
+PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
+
+
+def peaks_for(device_kind: str) -> tuple[str, float, float]:
+    """(name, FLOP/s, bytes/s) of the first PEAKS entry named in `device_kind`; H100 if none."""
+    name = next((k for k in PEAKS if k in device_kind), "H100")
+    return name, *PEAKS[name]
+
+
+def peak_memory_line(dev) -> str:
+    stats = dev.memory_stats() or {}
+    if "peak_bytes_in_use" not in stats:
+        return "# device memory: not reported by this backend"
+    limit = stats.get("bytes_limit", 0)
+    return f"# device memory peak so far: {stats['peak_bytes_in_use'] / 2**30:.1f} GiB of {limit / 2**30:.1f} GiB"
+
+
+_START = time.perf_counter()
+
+
+def _progress(what: str) -> None:
+    """A timestamped line on stderr, so that a slow compile or a stalled part shows where."""
+    print(f"[{time.perf_counter() - _START:7.1f} s] {what}", file=sys.stderr, flush=True)
 
 
 def _timed(fn):
@@ -75,10 +103,12 @@ def _timed(fn):
 
 def _median(fn, reps):
     out, first = _timed(fn)
+    _progress(f"first call (compile + run) {first:.1f} s")
     times = []
     for _ in range(reps):
         out, t = _timed(fn)
         times.append(t)
+        _progress(f"timed call {t:.2f} s")
     return out, first, statistics.median(times)
 
 
@@ -163,10 +193,13 @@ def update(s: Setup):
     a = s.args
     out = s.sample()
     batch = s.rollout_batch(out)
+    _progress("update: rollout sampled; compiling and running prepare (log-probs, values)")
     scores = np.random.default_rng(0).normal(size=a.batch).astype(np.float32)
     batch = s.steps.prepare(s.state, batch).replace(
         scores_B=jax.device_put(scores, s.steps.batch_shardings.scores_B)
     )
+    jax.block_until_ready(batch)
+    _progress("update: prepare done; compiling and running the update")
     holder = {"state": s.state}
 
     def one():
@@ -230,8 +263,11 @@ def full_step(s: Setup):
         return times
 
     try:
-        step(100)  # compile
-        runs = [step(101 + i) for i in range(a.reps)]
+        _progress(f"step: first step (compiles) {step(100)['step']:.1f} s")
+        runs = []
+        for i in range(a.reps):
+            runs.append(step(101 + i))
+            _progress(f"step: timed step {runs[-1]['step']:.2f} s")
     finally:
         pool.close()
         server.stop()
@@ -250,6 +286,12 @@ def main(argv=None):
     args = parse_args(argv)
     dev = jax.devices()[0]
     print(f"# {dev.platform} {dev.device_kind} x{jax.device_count()}; jax {jax.__version__}")
+    part, flops, bw = peaks_for(dev.device_kind)
+    args.peak_flops = args.peak_flops or flops
+    args.peak_bw = args.peak_bw or bw
+    print(f"# peaks: {args.peak_flops / 1e12:.0f} TFLOP/s bf16, {args.peak_bw / 1e12:.2f} TB/s "
+          f"({part} figures unless overridden)")  # fmt: skip
+    _progress("building models, train state and jitted steps")
     s = Setup(args)
     print(
         f"# actor {s.count(s.state.actor_params) / 1e9:.2f}B params in {args.param_dtype}; "
@@ -257,7 +299,9 @@ def main(argv=None):
     )
     parts = {"decode": decode, "update": update, "step": full_step}
     for name in args.parts.split(","):
+        _progress(f"part {name}")
         parts[name](s)
+        print(peak_memory_line(dev))
         print()
 
 

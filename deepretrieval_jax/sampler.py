@@ -184,7 +184,7 @@ class Sampler:
 
     def mesh_context(self):
         """The mesh as a context (the model's logical constraints resolve in it), or a no-op."""
-        return self.mesh if self.mesh is not None else contextlib.nullcontext()
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     def __call__(
         self,

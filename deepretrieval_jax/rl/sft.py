@@ -162,7 +162,7 @@ def train_step(state: SFTState, batch: SFTBatch, *, model, optimizer, prompt_len
     (_, aux), grads = grad_fn(state.params, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    aux = {**aux, "grad_norm": optax.global_norm(grads)}
+    aux = {**aux, "grad_norm": optax.tree.norm(grads)}
     return SFTState(step=state.step + 1, params=params, opt_state=opt_state), aux
 
 

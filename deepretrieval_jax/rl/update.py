@@ -197,7 +197,7 @@ def ppo_update(
         a_grads, a_metrics = losses.accumulate_grads(
             actor_loss, actor_p, micro, num_tokens, num_rows
         )
-        a_norm = optax.global_norm(a_grads)
+        a_norm = optax.tree.norm(a_grads)
         metrics = dict(
             a_metrics, grad_norm_actor=a_norm, lr_actor=current_lr(cfg, actor_o, cfg.actor_lr)
         )
@@ -208,7 +208,7 @@ def ppo_update(
             c_grads, c_metrics = losses.accumulate_grads(
                 critic_loss, critic_p, micro, num_tokens, num_rows
             )
-            c_norm = optax.global_norm(c_grads)
+            c_norm = optax.tree.norm(c_grads)
             metrics.update(
                 c_metrics,
                 grad_norm_critic=c_norm,
