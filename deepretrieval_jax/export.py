@@ -31,10 +31,9 @@ from dataclasses import dataclass
 
 from etils import epath
 
-from deepretrieval_jax.workdir import Mirror, as_path
+from deepretrieval_jax.workdir import RUN_CONFIG_FILE, Mirror, as_path, read_run_record
 
 VOCAB_MAP_FILE = "vocab_map.json"
-RUN_CONFIG_FILE = "config.json"
 
 
 def _compact_vocab_size(ids, multiple: int = 128) -> int:
@@ -53,12 +52,10 @@ def run_config(checkpoint_dir: str | os.PathLike):
     import ml_collections
 
     path = run_dir(checkpoint_dir) / RUN_CONFIG_FILE
-    if not path.exists():
-        return None
-    try:
-        return ml_collections.ConfigDict(json.loads(path.read_text())["config"])
-    except (json.JSONDecodeError, KeyError) as e:
-        raise ValueError(f"{path}: not a run config ({type(e).__name__}: {e})") from None
+    record = read_run_record(path)
+    if record is None and path.exists():
+        raise ValueError(f'{path}: not a run config (no "config" mapping)')
+    return None if record is None else ml_collections.ConfigDict(record["config"])
 
 
 def model_config_of_run(checkpoint_dir: str | os.PathLike):
@@ -118,14 +115,8 @@ def _load_tokenizer(tokenizer_dir: str):
 
 
 def _compact_in_config(workdir: epath.Path) -> bool:
-    path = workdir / RUN_CONFIG_FILE
-    if not path.exists():
-        return False
-    try:
-        run_config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    return bool(run_config.get("config", {}).get("model", {}).get("compact_vocab", False))
+    record = read_run_record(workdir / RUN_CONFIG_FILE) or {}
+    return bool(record.get("config", {}).get("model", {}).get("compact_vocab", False))
 
 
 def plan_export(

@@ -21,6 +21,8 @@ import time
 
 from absl import logging
 
+from deepretrieval_jax import workdir as workdir_lib
+
 # Environment markers of clusters that jax.distributed.initialize() configures by itself.
 _AUTO_ENV = ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
 
@@ -81,7 +83,7 @@ def log_devices() -> None:
 
 
 USAGE_EXIT = 2  # exit status of a user error (as argparse)
-RUN_CONFIG_FILE = "config.json"
+RUN_CONFIG_FILE = workdir_lib.RUN_CONFIG_FILE
 # Exceptions a user's input causes: our code raises them with a message naming the field/file
 # (house style 14). CheckpointError is a ValueError.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)

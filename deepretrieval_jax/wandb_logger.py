@@ -14,12 +14,13 @@ well, on the writing process only. Invariants:
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from deepretrieval_jax.workdir import RUN_CONFIG_FILE, read_run_record
 
 RUN_ID_FILE = "wandb_run_id"
 MODES = ("online", "offline", "disabled")
@@ -35,10 +36,7 @@ def _run_id(workdir: Path) -> str:
 
 
 def _run_config(workdir: Path) -> dict[str, Any]:
-    path = workdir / "config.json"  # runtime.RUN_CONFIG_FILE (not imported: no JAX here)
-    if not path.exists():
-        return {}
-    record = json.loads(path.read_text())
+    record = read_run_record(workdir / RUN_CONFIG_FILE) or {}
     return {**record.get("config", {}), "argv": record.get("argv", [])}
 
 

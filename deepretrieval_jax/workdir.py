@@ -18,6 +18,7 @@ Invariants:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -25,6 +26,24 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from etils import epath
+
+RUN_CONFIG_FILE = "config.json"  # WORKDIR/config.json, written by runtime.write_run_config
+
+
+def read_run_record(path: str | os.PathLike) -> dict | None:
+    """The run record at `path` (a WORKDIR/config.json: {"entry", "argv", "time", "config"};
+    what tells it apart is the "config" mapping), or None when there is no file or it is
+    another kind of config.json (a Hugging Face model's). Invalid JSON is a ValueError naming the file. Local paths and URLs (gs://...)."""
+    path = as_path(path)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if isinstance(record, dict) and isinstance(record.get("config"), dict):
+        return record
+    return None
 
 
 def is_remote(path: str | os.PathLike) -> bool:

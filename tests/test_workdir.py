@@ -120,3 +120,19 @@ def test_compare_reads_runs_from_the_bucket_and_writes_there(bucket):
     assert (bucket / "out" / compare.PLOT_NAME).read_bytes().startswith(b"\x89PNG")
     with pytest.raises(FileNotFoundError, match="gs://bucket/nothing: no such run directory"):
         compare.find_runs(["gs://bucket/nothing"])
+
+
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_read_run_record_tells_a_run_record_from_other_config_files(where, bucket, tmp_path):
+    root = bucket / "runs" if where == "bucket" else epath.Path(tmp_path)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / workdir.RUN_CONFIG_FILE
+    assert workdir.read_run_record(path) is None  # no file
+    path.write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}))
+    assert workdir.read_run_record(path) is None  # a Hugging Face model's config.json
+    record = {"entry": "train", "argv": ["launch/train.py"], "config": {"data": {"task": "nq"}}}
+    path.write_text(json.dumps(record))
+    assert workdir.read_run_record(str(path)) == record
+    path.write_text('{"config": {"data": ')  # cut short by a crash
+    with pytest.raises(ValueError, match=r"config\.json: not valid JSON"):
+        workdir.read_run_record(path)

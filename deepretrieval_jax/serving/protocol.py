@@ -25,10 +25,11 @@ from pathlib import Path
 
 from absl import logging
 
+from deepretrieval_jax import workdir
 from deepretrieval_jax.data.tasks import TaskSpec, get_task
 
 PROTOCOL_FILE = "deepretrieval_protocol.json"
-RUN_CONFIG_FILE = "config.json"  # runtime.RUN_CONFIG_FILE
+RUN_CONFIG_FILE = workdir.RUN_CONFIG_FILE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,19 +72,6 @@ def write(out_dir: str | os.PathLike, config: Mapping) -> Path:
     return path
 
 
-def _run_config(path: Path) -> dict | None:
-    """The "config" of a run's config.json at `path` (an HF config.json is not one)."""
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if isinstance(record, dict) and "entry" in record and isinstance(record.get("config"), dict):
-        return record["config"]
-    return None
-
-
 def find(policy_path: str | os.PathLike) -> Protocol | None:
     """The protocol of the policy at `policy_path` (see the module docstring), or None."""
     path = Path(policy_path).expanduser()
@@ -96,7 +84,8 @@ def find(policy_path: str | os.PathLike) -> Protocol | None:
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{source}: not a prompt protocol ({type(e).__name__}: {e})") from None
     for run_dir in (path, path.parent):
-        config = _run_config(run_dir / RUN_CONFIG_FILE)
+        record = workdir.read_run_record(run_dir / RUN_CONFIG_FILE)
+        config = record["config"] if record else None
         if config is not None and config.get("data", {}).get("task"):
             return Protocol.from_run_config(config, str(run_dir / RUN_CONFIG_FILE))
     return None
