@@ -25,9 +25,8 @@ from deepretrieval_jax import aot  # noqa: E402
 
 _OUT = flags.DEFINE_string("out", "/tmp/aot_table.jsonl", "JSON lines output (appended).")
 _TOPOLOGIES = flags.DEFINE_list("topologies", ["v5e-8", "v5p-8", "v5p-32"], "TPU slices.")
-_PRESETS = flags.DEFINE_list(
-    "presets", ["qwen2.5-0.5b", "qwen2.5-3b", "llama3.2-3b", "qwen2.5-7b"], "Model presets."
-)
+PRESETS = ["qwen2.5-0.5b", "qwen2.5-3b", "llama3.2-3b", "qwen2.5-7b"]  # the table's row order
+_PRESETS = flags.DEFINE_list("presets", PRESETS, "Model presets.")
 _MARKDOWN = flags.DEFINE_bool("markdown", False, "Print the table of --out instead.")
 _SET = flags.DEFINE_list(
     "set", [], "Config overrides key=value (e.g. ppo.micro_batch_size=8,mesh.tensor=2)."
@@ -48,13 +47,21 @@ def config(preset: str, overrides=()):
 
 
 def markdown(path: str) -> str:
-    """The docs table of the JSON lines in `path`."""
+    """The docs table of the JSON lines in `path`: one row per model, slice and overrides (the
+    latest compile of each), ordered by model size, then chips."""
     out = [
         "| model | topology (chips) | mesh (data x fsdp x tensor) | overrides | per-chip footprint"
         " / HBM | fits | est. step | MFU bound |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    latest = {}
     for line in (json.loads(x) for x in open(path, encoding="utf-8") if x.strip()):
+        latest[line["preset"], line["topology"], tuple(line.get("overrides", []))] = line
+    rank = {name: i for i, name in enumerate(PRESETS)}
+    for key in sorted(
+        latest, key=lambda k: (rank.get(k[0], len(rank)), k[0], latest[k]["chips"], k[1:])
+    ):
+        line = latest[key]
         chip_bytes, step, mfu = line["max_chip_bytes"], line["step_seconds"], line["mfu_bound"]
         hbm = line["hbm_bytes"]
         mesh = "x".join(str(v) for v in line["mesh"].values())

@@ -5,6 +5,10 @@ The TPU test needs libtpu (`pip install -e '.[tpu]'`) and is skipped only when i
 
 import dataclasses
 import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import tiny_config as tiny
@@ -12,6 +16,7 @@ import tiny_config as tiny
 from configs import common
 from deepretrieval_jax import aot, aot_steps, sharding
 
+ROOT = Path(__file__).resolve().parents[1]
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
 
@@ -148,3 +153,36 @@ def test_a_program_xla_refuses_for_hbm_is_reported_as_not_fitting():
 
     row = aot._compile(Temporaries(), chip, resident=0)
     assert not row.compiled and row.peak == int(20.85 * aot.GiB) and "of 15.75G" in row.note
+
+
+def test_the_docs_table_keeps_the_latest_compile_of_each_row_in_model_order(tmp_path):
+    def record(preset, topology, chips, step, overrides=(), **extra):
+        rows = [{"name": "ppo.update", "compiled": step is not None}]
+        return {
+            "preset": preset, "topology": topology, "chips": chips, "overrides": list(overrides),
+            "mesh": {"data": 1, "fsdp": chips, "tensor": 1}, "hbm_bytes": 16 * aot.GiB,
+            "max_chip_bytes": 6 * aot.GiB, "step_seconds": step, "mfu_bound": 0.1,
+            "fits": step is not None, "rows": rows, **extra,
+        }  # fmt: skip
+
+    lines = [
+        record("qwen2.5-7b", "v5e-8", 8, None),
+        record("qwen2.5-0.5b", "v5p-32", 16, 0.9),
+        record("qwen2.5-0.5b", "v5e-8", 8, 9.9),  # superseded by the re-run below
+        record("qwen2.5-0.5b", "v5e-8", 8, 3.7),
+        record("qwen2.5-0.5b", "v5e-8", 8, 2.0, overrides=["mesh.tensor=2"]),
+    ]
+    path = tmp_path / "aot.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    script = ROOT / "benchmarks" / "aot_table.py"  # a subprocess: its absl flags stay its own
+    run = subprocess.run([sys.executable, str(script), f"--out={path}", "--markdown"],
+                         capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+    body = [x for x in run.stdout.splitlines() if x.startswith("| q")]
+    assert [row.split(" | ")[:2] for row in body] == [
+        ["| qwen2.5-0.5b", "v5e-8 (8)"],
+        ["| qwen2.5-0.5b", "v5e-8 (8)"],
+        ["| qwen2.5-0.5b", "v5p-32 (16)"],
+        ["| qwen2.5-7b", "v5e-8 (8)"],
+    ]
+    assert "3.7 s" in body[0] and "mesh.tensor=2" in body[1] and "2.0 s" in body[1]
+    assert "**no** (XLA refused ppo.update)" in body[3] and "9.9 s" not in "\n".join(body)
