@@ -239,6 +239,8 @@ def compile_all(
             rows.append(dataclasses.replace(same[0], name=fn.name, compile_s=0.0, note=fn.note))
             continue
         rows.append(_compile(fn, chip, resident))
+        if fn.args_in_state:  # its arguments are counted in its own peak, not twice
+            rows[-1] = dataclasses.replace(rows[-1], resident=state_bytes - rows[-1].argument)
         r = rows[-1]
         logging.info(
             "compiled %s in %.1f s: peak %.2f GiB (+%.2f resident), %.3g FLOP, %.3g B per chip",

@@ -35,6 +35,12 @@ from deepretrieval_jax.rl.state import PPOConfig, create_train_state, policy_mod
 from deepretrieval_jax.rl.update import forward_slices, make_jitted
 from deepretrieval_jax.sampler import cast_weights, causal_lm_fns
 
+# Call order within a step (reports list functions in it).
+FUNCTION_ORDER = (
+    "sampler.reshard", "sampler.prefill", "sampler.decode_step", "ppo.logprobs",
+    "ppo.ref_logprobs", "ppo.values", "ppo.advantages", "ppo.update", "sft.train_step",
+)  # fmt: skip
+
 
 @dataclasses.dataclass(frozen=True)
 class StepFunction:
@@ -47,6 +53,7 @@ class StepFunction:
     model_flops: float  # analytic model FLOPs of one call (whole mesh)
     note: str = ""
     same_program_as: str = ""  # a function compiling to the same program (figures reused)
+    args_in_state: bool = False  # its arguments are part of the resident train state
 
 
 def _abstract(tree, shardings):
@@ -67,17 +74,20 @@ def _lm_matmul_params(model_cfg: models.ModelConfig, params) -> int:
 def sampler_functions(
     model_cfg, mesh, B: int, n: int, P: int, L: int, weights_dtype: str | None
 ) -> list[StepFunction]:
-    """Prefill of B prompts into a cache of P + L slots (rows repeated n times after it), and one
-    decode step of R = B * n rows reading that cache, under SAMPLER_RULES, on the sampler's
-    copy of the weights (cast to `weights_dtype` as the trainer's Sampler does; None: as is)."""
+    """The sampler's copy of the actor made from the trainer's (the reshard from TRAIN_RULES to
+    SAMPLER_RULES, cast to `weights_dtype` as the trainer's Sampler does; None: as is), the
+    prefill of B prompts into a cache of P + L slots (rows repeated n times after it), and one
+    decode step of R = B * n rows reading that cache, on that copy."""
     rules = sharding.SAMPLER_RULES
     lm = models.CausalLM(model_cfg)
     fns = causal_lm_fns(model_cfg, rules=rules)
     boxed = sharding.abstract_params(lm)
+    train_params = _abstract(
+        nn.meta.unbox(boxed), sharding.shardings_for(boxed, mesh, sharding.TRAIN_RULES)
+    )
     params = nn.meta.unbox(boxed)
-    if weights_dtype is not None:
-        params = jax.eval_shape(functools.partial(cast_weights, dtype=weights_dtype), params)
-    params = _abstract(params, sharding.shardings_for(boxed, mesh, rules))
+    cast = functools.partial(cast_weights, dtype=weights_dtype) if weights_dtype else lambda p: p
+    params = _abstract(jax.eval_shape(cast, params), sharding.shardings_for(boxed, mesh, rules))
     n_matmul = _lm_matmul_params(model_cfg, params)
     row_sh = sharding.batch_sharding(mesh, rules, 2)
     R = B * n
@@ -105,6 +115,9 @@ def sampler_functions(
     logits_sh = sharding.batch_sharding(mesh, rules, 2)
     prompt = jax.ShapeDtypeStruct((B, P), jnp.int32, sharding=row_sh)
     last = jax.ShapeDtypeStruct((R, 1), jnp.int32, sharding=row_sh)
+    # The trainer's Sampler._cast: one device-to-device program per step (all-gathers the
+    # FSDP shards of the fp32 master weights into the sampler's layout, in its dtype).
+    reshard_jit = jax.jit(cast, out_shardings=jax.tree.map(lambda x: x.sharding, params))
     prefill_jit = jax.jit(prefill, out_shardings=(logits_sh, cache_sh))
     decode_jit = jax.jit(decode, out_shardings=(logits_sh, cache_sh), donate_argnums=1)
 
@@ -116,6 +129,11 @@ def sampler_functions(
         return go
 
     return [
+        StepFunction(
+            "sampler.reshard", lower(reshard_jit, train_params), 1, 1, 0.0,
+            f"trainer -> sampler weights ({weights_dtype or 'params dtype'}); ICI time not "
+            "modelled", args_in_state=True,
+        ),
         StepFunction(
             "sampler.prefill", lower(prefill_jit, params, prompt, prompt), 1, 1,
             2.0 * n_matmul * B * P, f"B={B} prompts x P={P}, cache {P + L} slots",

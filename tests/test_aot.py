@@ -38,7 +38,7 @@ def tiny_config(**mesh):
 
 
 ALL = (
-    "sampler.prefill", "sampler.decode_step", "ppo.logprobs", "ppo.ref_logprobs", "ppo.values",
+    "sampler.reshard", "sampler.prefill", "sampler.decode_step", "ppo.logprobs", "ppo.ref_logprobs", "ppo.values",
     "ppo.advantages", "ppo.update", "sft.train_step",
 )  # fmt: skip
 
@@ -54,6 +54,10 @@ def _check_rows(report, names=ALL, capacity=None):
     update = rows["ppo.update"]
     assert update.argument >= rows["sampler.prefill"].resident > 0
     assert update.alias > 0
+    if "sampler.reshard" in rows:  # its arguments (the trainer's actor) are part of the state
+        reshard = rows["sampler.reshard"]
+        assert reshard.output > 0 and "trainer -> sampler" in reshard.note
+        assert reshard.resident + reshard.argument == rows["sampler.prefill"].resident
     # 8 prompts x 2 samples = 16 rows of mini-batch 8: the scan body runs twice.
     assert rows["ppo.update"].note.startswith("2 mini-batches")
     # Per-chip FLOPs x chips against the analytic 2 x params x tokens of the forward pass
