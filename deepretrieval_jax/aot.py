@@ -137,33 +137,67 @@ def _over_capacity(fn: aot_steps.StepFunction, error: Exception, resident: int, 
                fn.model_flops, None, time.time() - t0, note, compiled=False)  # fmt: skip
 
 
-def _compile(fn: aot_steps.StepFunction, chip: Chip | None, resident: int) -> Row:
-    t0 = time.time()
-    try:
-        compiled = fn.lower().compile()
-    except Exception as e:  # noqa: BLE001  (jax's error type varies across versions)
-        row = _over_capacity(fn, e, resident, t0)
-        if row is None:
-            raise
-        return row
-    compile_s = time.time() - t0
+def _figures(compiled, loop_trips: int) -> dict:
+    """Per-chip bytes (memory_analysis) and per-call FLOPs / bytes accessed (cost_analysis)."""
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
     if isinstance(cost, list):  # older jax: one dict per program
         cost = cost[0] if cost else {}
-    flops = float(cost.get("flops", 0.0)) * fn.loop_trips
-    nbytes = float(cost.get("bytes accessed", 0.0)) * fn.loop_trips
     peak = getattr(mem, "peak_memory_in_bytes", 0) or (
         mem.argument_size_in_bytes
         + mem.output_size_in_bytes
         - mem.alias_size_in_bytes
         + mem.temp_size_in_bytes
     )
-    seconds = None if chip is None else max(flops / chip.peak_flops, nbytes / chip.hbm_bw)
-    return Row(
-        fn.name, fn.calls_per_step, mem.argument_size_in_bytes, mem.output_size_in_bytes,
-        mem.alias_size_in_bytes, mem.temp_size_in_bytes, mem.generated_code_size_in_bytes,
-        int(peak), resident, flops, nbytes, fn.model_flops, seconds, compile_s, fn.note,
+    return dict(
+        argument=mem.argument_size_in_bytes, output=mem.output_size_in_bytes,
+        alias=mem.alias_size_in_bytes, temp=mem.temp_size_in_bytes,
+        code=mem.generated_code_size_in_bytes, peak=int(peak),
+        flops=float(cost.get("flops", 0.0)) * loop_trips,
+        bytes_accessed=float(cost.get("bytes accessed", 0.0)) * loop_trips,
+    )  # fmt: skip
+
+
+def _roofline(chip: Chip | None, flops: float, nbytes: float) -> float | None:
+    return None if chip is None else max(flops / chip.peak_flops, nbytes / chip.hbm_bw)
+
+
+def _compile(fn: aot_steps.StepFunction, chip: Chip | None, resident: int) -> Row:
+    t0 = time.time()
+    try:
+        if fn.parts:
+            f = _compile_parts(fn.parts, chip)
+        else:
+            f = _figures(fn.lower().compile(), fn.loop_trips)
+            f["seconds"] = _roofline(chip, f["flops"], f["bytes_accessed"])
+    except Exception as e:  # noqa: BLE001  (jax's error type varies across versions)
+        row = _over_capacity(fn, e, resident, t0)
+        if row is None:
+            raise
+        return row
+    return Row(fn.name, fn.calls_per_step, resident=resident, model_flops=fn.model_flops,
+               compile_s=time.time() - t0, note=fn.note, **f)  # fmt: skip
+
+
+def _compile_parts(parts, chip: Chip | None) -> dict:
+    """Figures of programs run one after another (`StepFunction.parts`): arguments, outputs,
+    FLOPs, bytes and roofline seconds add up over the runs (every output stays); the
+    temporaries are the largest program's, and the peak is all arguments and outputs plus them
+    (the last program's, at most)."""
+    figs = [(_figures(lower().compile(), 1), runs) for lower, runs in parts]
+
+    def total(key):
+        return sum(f[key] * runs for f, runs in figs)
+
+    temp = max(f["temp"] for f, _ in figs)
+    seconds = None
+    if chip is not None:
+        seconds = sum(runs * _roofline(chip, f["flops"], f["bytes_accessed"]) for f, runs in figs)
+    return dict(
+        argument=total("argument"), output=total("output"), alias=total("alias"), temp=temp,
+        code=sum(f["code"] for f, _ in figs),
+        peak=total("argument") + total("output") - total("alias") + temp,
+        flops=total("flops"), bytes_accessed=total("bytes_accessed"), seconds=seconds,
     )  # fmt: skip
 
 

@@ -18,6 +18,7 @@ compile-only devices.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -33,7 +34,7 @@ from deepretrieval_jax.rl import policy_init, sft
 from deepretrieval_jax.rl.batch import RolloutBatch
 from deepretrieval_jax.rl.state import PPOConfig, create_train_state, policy_model
 from deepretrieval_jax.rl.update import forward_slices, make_jitted
-from deepretrieval_jax.sampler import cast_weights, causal_lm_fns
+from deepretrieval_jax.sampler import LeafwiseCast, cast_weights, causal_lm_fns
 
 # Call order within a step (reports list functions in it).
 FUNCTION_ORDER = (
@@ -54,6 +55,9 @@ class StepFunction:
     note: str = ""
     same_program_as: str = ""  # a function compiling to the same program (figures reused)
     args_in_state: bool = False  # its arguments are part of the resident train state
+    # Programs run one after another in place of `lower`: ((lower, runs), ...) (the sampler's
+    # leaf-by-leaf weight copy).
+    parts: tuple = ()
 
 
 def _abstract(tree, shardings):
@@ -85,9 +89,9 @@ def sampler_functions(
     train_params = _abstract(
         nn.meta.unbox(boxed), sharding.shardings_for(boxed, mesh, sharding.TRAIN_RULES)
     )
-    params = nn.meta.unbox(boxed)
-    cast = functools.partial(cast_weights, dtype=weights_dtype) if weights_dtype else lambda p: p
-    params = _abstract(jax.eval_shape(cast, params), sharding.shardings_for(boxed, mesh, rules))
+    sampler_shardings = sharding.shardings_for(boxed, mesh, rules)
+    params = jax.eval_shape(functools.partial(cast_weights, dtype=weights_dtype), train_params)
+    params = _abstract(params, sampler_shardings)
     n_matmul = _lm_matmul_params(model_cfg, params)
     row_sh = sharding.batch_sharding(mesh, rules, 2)
     R = B * n
@@ -115,9 +119,14 @@ def sampler_functions(
     logits_sh = sharding.batch_sharding(mesh, rules, 2)
     prompt = jax.ShapeDtypeStruct((B, P), jnp.int32, sharding=row_sh)
     last = jax.ShapeDtypeStruct((R, 1), jnp.int32, sharding=row_sh)
-    # The trainer's Sampler._cast: one device-to-device program per step (all-gathers the
-    # FSDP shards of the fp32 master weights into the sampler's layout, in its dtype).
-    reshard_jit = jax.jit(cast, out_shardings=jax.tree.map(lambda x: x.sharding, params))
+    # The trainer's Sampler._cast: the FSDP shards of the fp32 master weights gathered into
+    # the sampler's layout, in its dtype, one program per leaf (compiled once per distinct leaf).
+    leafwise = LeafwiseCast(weights_dtype, sampler_shardings)
+    out_shardings, _ = leafwise.leaf_shardings(train_params)
+    leaf_runs = collections.Counter(
+        (x.shape, x.dtype, x.sharding, out)
+        for x, out in zip(jax.tree.leaves(train_params), out_shardings, strict=True)
+    )
     prefill_jit = jax.jit(prefill, out_shardings=(logits_sh, cache_sh))
     decode_jit = jax.jit(decode, out_shardings=(logits_sh, cache_sh), donate_argnums=1)
 
@@ -130,9 +139,13 @@ def sampler_functions(
 
     return [
         StepFunction(
-            "sampler.reshard", lower(reshard_jit, train_params), 1, 1, 0.0,
-            f"trainer -> sampler weights ({weights_dtype or 'params dtype'}); ICI time not "
-            "modelled", args_in_state=True,
+            "sampler.reshard", None, 1, 1, 0.0,
+            f"trainer -> sampler weights ({weights_dtype or 'params dtype'}), "
+            f"{sum(leaf_runs.values())} leaves; ICI time not modelled", args_in_state=True,
+            parts=tuple(
+                (lower(leafwise.program(out), jax.ShapeDtypeStruct(shape, dt, sharding=sh)), k)
+                for (shape, dt, sh, out), k in leaf_runs.items()
+            ),
         ),
         StepFunction(
             "sampler.prefill", lower(prefill_jit, params, prompt, prompt), 1, 1,

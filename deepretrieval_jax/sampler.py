@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -140,11 +141,8 @@ class Sampler:
             )
 
         self._sample = jax.jit(traced, out_shardings=out_shardings)
-        if weights_dtype is not None:  # reshard and cast in one device-to-device program
-            self._cast = jax.jit(
-                functools.partial(cast_weights, dtype=weights_dtype),
-                out_shardings=self._param_shardings,
-            )
+        if weights_dtype is not None:  # reshard and cast device-to-device, leaf by leaf
+            self._cast = LeafwiseCast(weights_dtype, self._param_shardings)
 
     def prepare(self, params, prompt_tokens_BxT, prompt_mask_BxT, rng, max_new_tokens):
         """Validates and pads a batch, places everything on the mesh; returns
@@ -203,11 +201,53 @@ class Sampler:
         return out
 
 
+def cast_leaf(x, dtype):
+    """`x` in `dtype` if it is floating point (None: as it is)."""
+    if dtype is None or not jnp.issubdtype(x.dtype, jnp.floating):
+        return x
+    return x.astype(dtype)
+
+
 def cast_weights(params, dtype):
     """Floating-point leaves of `params` cast to `dtype` (the sampler's copy of the weights)."""
-    return jax.tree.map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
-    )
+    return jax.tree.map(functools.partial(cast_leaf, dtype=dtype), params)
+
+
+class LeafwiseCast:
+    """The sampler's copy of the weights from the trainer's: one small program per leaf casts
+    it to `dtype` and moves it to its sampler sharding (None: where it is), in tree order.
+
+    One program for the whole tree held a second copy of the output as temporaries: XLA:TPU
+    all-gathers an FSDP-sharded minor dimension into a transposed buffer and copies it to the
+    output's layout, and schedules the gathers together (docs/benchmarks.md, the compiled
+    `sampler.reshard`). Leaf by leaf, the peak is the finished leaves plus one leaf's buffers.
+    """
+
+    def __init__(self, dtype, shardings=None):
+        self.dtype = dtype
+        self.shardings = shardings  # a pytree of shardings like params', or one for all
+        self._programs = {}
+
+    def program(self, sharding):
+        """The jitted cast of one leaf to `sharding` (one per distinct sharding)."""
+        if sharding not in self._programs:
+            self._programs[sharding] = jax.jit(
+                functools.partial(cast_leaf, dtype=self.dtype), out_shardings=sharding
+            )
+        return self._programs[sharding]
+
+    def leaf_shardings(self, params) -> tuple[list, Any]:
+        leaves, treedef = jax.tree.flatten(params)
+        if self.shardings is None or isinstance(self.shardings, jax.sharding.Sharding):
+            return [self.shardings] * len(leaves), treedef
+        return treedef.flatten_up_to(self.shardings), treedef
+
+    def __call__(self, params):
+        shardings, treedef = self.leaf_shardings(params)
+        leaves = jax.tree.leaves(params)
+        return treedef.unflatten(
+            [self.program(s)(x) for x, s in zip(leaves, shardings, strict=True)]
+        )
 
 
 # ------------------------------------------------------------------ the project's CausalLM

@@ -85,10 +85,14 @@ def test_tiny_config_compiles_for_v5e_2x2():
 
 
 def test_cpu_topology_reports_per_device_bytes_of_the_mesh():
-    names = ("sampler.prefill", "ppo.logprobs", "ppo.update")  # the rest: the TPU test
+    names = ("sampler.reshard", "sampler.prefill", "ppo.logprobs", "ppo.update")  # rest: TPU
     report = aot.compile_all(tiny_config(data=2, fsdp=4, tensor=1), "cpu", only=names)
     assert report.num_chips == 8 and report.chip is None
     _check_rows(report, names)
+    # The sampler's copy is made leaf by leaf: every leaf's output stays, one leaf's buffers.
+    reshard = report.rows[0]
+    assert reshard.peak == reshard.argument + reshard.output + reshard.temp
+    assert "leaves" in reshard.note and reshard.output > reshard.argument  # FSDP 4 gathered
     assert report.step_seconds is None
     assert "CPU-compiled estimate" in aot.format_report(report)
 
@@ -127,6 +131,7 @@ def test_a_program_xla_refuses_for_hbm_is_reported_as_not_fitting():
 
     class Refused:
         name, calls_per_step, loop_trips, model_flops, note = "ppo.update", 1, 1, 1e12, ""
+        parts = ()
 
         def lower(self):
             raise RuntimeError(message)

@@ -503,7 +503,7 @@ def test_weights_cast_to_the_compute_dtype_sample_identically(tiny_lm):
     tokens and log-probs bit for bit, sharded as in training, and holds bf16 arrays."""
     from deepretrieval_jax import sharding
     from deepretrieval_jax.models import CausalLM
-    from deepretrieval_jax.sampler import cast_weights, causal_lm_fns
+    from deepretrieval_jax.sampler import LeafwiseCast, cast_weights, causal_lm_fns
 
     _, config, params = tiny_lm
     config = dataclasses.replace(config, dtype="bfloat16")
@@ -526,3 +526,13 @@ def test_weights_cast_to_the_compute_dtype_sample_identically(tiny_lm):
     cast = cast_weights(trainer_params, "bfloat16")
     assert {x.dtype for x in jax.tree.leaves(cast)} == {jnp.dtype(jnp.bfloat16)}
     assert {x.dtype for x in jax.tree.leaves(trainer_params)} == {jnp.dtype(jnp.float32)}
+    # What the sampler hands its program: the same values, leaf by leaf, in its shardings.
+    sampler_shardings = sharding.param_shardings(CausalLM(config), mesh, rules)
+    copy = LeafwiseCast("bfloat16", sampler_shardings)(trainer_params)
+    assert jax.tree.structure(copy) == jax.tree.structure(trainer_params)
+    for got, want, sh in zip(jax.tree.leaves(copy), jax.tree.leaves(cast),
+                             jax.tree.leaves(sampler_shardings), strict=True):  # fmt: skip
+        assert got.dtype == jnp.bfloat16 and got.sharding.is_equivalent_to(sh, got.ndim)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    ints = {"ids": jnp.arange(4), "w": jnp.ones(4)}
+    assert LeafwiseCast("bfloat16")(ints)["ids"].dtype == ints["ids"].dtype
