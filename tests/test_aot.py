@@ -38,8 +38,8 @@ def tiny_config(**mesh):
 
 
 ALL = (
-    "sampler.reshard", "sampler.prefill", "sampler.decode_step", "ppo.logprobs", "ppo.ref_logprobs", "ppo.values",
-    "ppo.advantages", "ppo.update", "sft.train_step",
+    "sampler.reshard", "sampler.prefill", "sampler.decode_step", "ppo.logprobs",
+    "ppo.ref_logprobs", "ppo.values", "ppo.advantages", "ppo.update", "sft.train_step",
 )  # fmt: skip
 
 
