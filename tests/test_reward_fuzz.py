@@ -6,7 +6,7 @@ sqlite database). Invariants checked per completion:
 - scoring never fails as infrastructure: every result is valid (a broken completion, a
   malformed Boolean query or a runaway SQL query is the policy's fault, scored as such);
 - the whole batch finishes within `BATCH_BOUND_S` (the SQL time limit is 0.2 s) and parsing
-  alone within `PARSE_BOUND_S`, whatever the text (hostile fences, thousands of tags, deep
+  alone within `PARSE_BOUND_S` of CPU time, whatever the text (hostile fences, thousands of tags, deep
   nesting, printf bombs).
 Generated text includes lone surrogates: a query holding one is the policy's fault (rejected),
 never an infrastructure failure.
@@ -28,7 +28,7 @@ from deepretrieval_jax.search.sql import SQLBackend, SQLConfig
 
 BATCH_BOUND_S = 3.0  # Generous for a loaded 2-core CI machine; typical batches take ~10 ms.
 # Catches super-linear parsing (the old pattern took 2.3 s at 2,048 spaces, 17.5 s at 4,096)
-# while tolerating a starved CI worker; benchmarks/hostile_inputs.py measures the real figure.
+# in CPU seconds of the parsing thread; benchmarks/hostile_inputs.py measures the real figure.
 PARSE_BOUND_S = 1.0
 
 RUNAWAY = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
@@ -149,10 +149,12 @@ def _requests(pool, completion):
 @example(completion=_answer(json.dumps({"sql": " || ".join(["printf('%.*c', 2e8, 'x')"] * 9)})))
 @example(completion=_answer(json.dumps({"sql": RUNAWAY})))  # Runaway CTE: 0.2 s limit.
 def test_random_completions_are_scored_as_policy_outcomes_within_bounds(pool, completion):
-    start = time.perf_counter()
+    # CPU time of this thread, not wall time: a starved CI worker waits without spending it,
+    # while super-linear parsing spends it (it failed once at 1.47 s wall under CI load).
+    start = time.thread_time()
     for key in ("query", "sql"):
         parse_completion(completion, key=key)
-    assert time.perf_counter() - start < PARSE_BOUND_S
+    assert time.thread_time() - start < PARSE_BOUND_S
     start = time.perf_counter()
     results = pool.score(_requests(pool, completion), timeout=60)
     elapsed = time.perf_counter() - start

@@ -134,17 +134,17 @@ def test_scanner_matches_the_reference_regexes(text):
     ],
 )
 def test_parse_is_linear_on_hostile_fences(answer):
-    start = time.perf_counter()
+    start = time.thread_time()  # CPU time of this thread: immune to a starved CI worker
     parsed = parse_completion(f"<think>t</think><answer>{answer}</answer>")
-    assert time.perf_counter() - start < 0.1
+    assert time.thread_time() - start < 0.1
     assert parsed.value is None and parsed.tags_ok
 
 
 def test_parse_is_linear_on_many_unclosed_answer_tags():
     """20,000 `<answer>` without a close: quadratic (14 s) under the old findall."""
-    start = time.perf_counter()
+    start = time.thread_time()  # CPU time of this thread: immune to a starved CI worker
     parsed = parse_completion("<answer>" * 20_000 + '{"query": "x"}')
-    assert time.perf_counter() - start < 0.1
+    assert time.thread_time() - start < 0.1
     assert parsed.value is None
 
 
