@@ -54,6 +54,11 @@ def config(preset: str, overrides=()):
     return cfg
 
 
+def row_key(line: dict) -> tuple:
+    """A table row: model, slice and config overrides (a later compile of it replaces it)."""
+    return line["preset"], line["topology"], tuple(line.get("overrides", []))
+
+
 def markdown(path: str) -> str:
     """The docs table of the JSON lines in `path`: one row per model, slice and overrides (the
     latest compile of each), ordered by model size, then chips."""
@@ -64,7 +69,7 @@ def markdown(path: str) -> str:
     ]
     latest = {}
     for line in (json.loads(x) for x in open(path, encoding="utf-8") if x.strip()):
-        latest[line["preset"], line["topology"], tuple(line.get("overrides", []))] = line
+        latest[row_key(line)] = line
     rank = {name: i for i, name in enumerate(PRESETS)}
     for key in sorted(
         latest, key=lambda k: (rank.get(k[0], len(rank)), k[0], latest[k]["chips"], k[1:])
@@ -92,7 +97,7 @@ def merged(path: str, report: aot.Report, key: tuple) -> aot.Report:
     old = None
     if os.path.exists(path):
         for line in (json.loads(x) for x in open(path, encoding="utf-8") if x.strip()):
-            if (line["preset"], line["topology"], tuple(line.get("overrides", []))) == key:
+            if row_key(line) == key:
                 old = line
     if old is None:
         raise ValueError(f"--only: no earlier record of {key} in {path} to merge into")

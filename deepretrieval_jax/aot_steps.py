@@ -122,10 +122,9 @@ def sampler_functions(
     # The trainer's Sampler._cast: the FSDP shards of the fp32 master weights gathered into
     # the sampler's layout, in its dtype, one program per leaf (compiled once per distinct leaf).
     leafwise = LeafwiseCast(weights_dtype, sampler_shardings)
-    out_shardings, _ = leafwise.leaf_shardings(train_params)
+    leaves, out_shardings, _ = leafwise.leaves_with_shardings(train_params)
     leaf_runs = collections.Counter(
-        (x.shape, x.dtype, x.sharding, out)
-        for x, out in zip(jax.tree.leaves(train_params), out_shardings, strict=True)
+        (x.shape, x.dtype, x.sharding, out) for x, out in zip(leaves, out_shardings, strict=True)
     )
     prefill_jit = jax.jit(prefill, out_shardings=(logits_sh, cache_sh))
     decode_jit = jax.jit(decode, out_shardings=(logits_sh, cache_sh), donate_argnums=1)

@@ -236,15 +236,15 @@ class LeafwiseCast:
             )
         return self._programs[sharding]
 
-    def leaf_shardings(self, params) -> tuple[list, Any]:
+    def leaves_with_shardings(self, params) -> tuple[list, list, Any]:
+        """(leaves, their sampler shardings, treedef) of `params`, flattened once."""
         leaves, treedef = jax.tree.flatten(params)
         if self.shardings is None or isinstance(self.shardings, jax.sharding.Sharding):
-            return [self.shardings] * len(leaves), treedef
-        return treedef.flatten_up_to(self.shardings), treedef
+            return leaves, [self.shardings] * len(leaves), treedef
+        return leaves, treedef.flatten_up_to(self.shardings), treedef
 
     def __call__(self, params):
-        shardings, treedef = self.leaf_shardings(params)
-        leaves = jax.tree.leaves(params)
+        leaves, shardings, treedef = self.leaves_with_shardings(params)
         return treedef.unflatten(
             [self.program(s)(x) for x, s in zip(leaves, shardings, strict=True)]
         )
